@@ -1,0 +1,220 @@
+"""In-memory datasets with torch-side batching: no DataLoader, exactly resumable data order.
+
+Images are held as uint8 [N, 3, 32, 32] with int64 labels; batches are cut, augmented (random crop
+32 with zero padding 4, horizontal flip) and normalised on the chosen device, with an epoch's
+randomness derived only from (seed, epoch). Fashion-MNIST's 28x28 grayscale images are zero-padded
+by 2 pixels and their channel replicated 3 times, so the CIFAR stem (3->16 conv) is unchanged.
+"""
+import gzip
+import math
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+# The authors' code normalised CIFAR-100 and SVHN with the CIFAR-10 constants too; kept as is.
+MEAN_STD = {"cifar10": _CIFAR, "cifar100": _CIFAR, "svhn": _CIFAR,
+            "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3), "synthetic": ((0.5,) * 3, (0.25,) * 3)}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fashion-mnist": 10, "synthetic": 10}
+DATASETS = tuple(NUM_CLASSES)
+SYNTHETIC_SIZES = (512, 256)
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+_VAL_SPLIT_SEED = 20190101  # not the run seed: every run and stage must hold out the same samples
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be found or read; its message is one line for the user."""
+
+
+def read_idx(path, magic):
+    """Read an IDX file (plain or .gz) whose header must carry `magic`, as a uint8 tensor."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # also bad or truncated gzip streams
+        raise DatasetError(f"cannot read {path}: {err}") from None
+    header = 4 + 4 * raw[3] if len(raw) >= 4 else 4
+    if len(raw) < header or struct.unpack(">i", raw[:4])[0] != magic:
+        raise DatasetError(f"{path} is not an IDX file with magic number {magic}")
+    dims = struct.unpack(f">{raw[3]}i", raw[4:header])
+    if len(raw) - header != math.prod(dims):
+        raise DatasetError(f"{path} is truncated or corrupt: {len(raw) - header} data bytes "
+                           f"instead of {math.prod(dims)}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(dims)
+
+
+def _load_fashion(data_dir, download):
+    # FashionMNIST/raw is where torchvision's download puts the files, so later runs find them
+    dirs = [data_dir, data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw",
+            FASHION_SYSTEM_DIR]
+    for d in dirs:
+        paths = [next((p for p in (d / n, d / f"{n}.gz") if p.is_file()), None)
+                 for n in FASHION_FILES]
+        if all(paths):
+            arrays = [read_idx(p, 2051 if "images" in p.name else 2049) for p in paths]
+            break
+    else:
+        if not download:
+            raise DatasetError(f"fashion-mnist not found in {', '.join(map(str, dirs))}: run "
+                               "'apt-get install dataset-fashion-mnist' or pass --download")
+        from torchvision.datasets import FashionMNIST
+        sets = [FashionMNIST(root=data_dir, train=t, download=True) for t in (True, False)]
+        arrays = [a for s in sets for a in (s.data, s.targets)]
+    def pad(x):
+        return F.pad(x, (2, 2, 2, 2)).unsqueeze(1).repeat(1, 3, 1, 1)
+    return pad(arrays[0]), arrays[1].long(), pad(arrays[2]), arrays[3].long()
+
+
+def _synthetic():
+    # Noisy copies of random low-frequency class templates: learnable within a few hundred steps
+    g = torch.Generator().manual_seed(1234)
+    templates = F.interpolate(torch.rand(10, 3, 4, 4, generator=g) * 255, size=32, mode="bilinear")
+    out = []
+    for n in SYNTHETIC_SIZES:
+        y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+        x = templates[y] + 25 * torch.randn(n, 3, 32, 32, generator=g)
+        out += [x.round().clamp(0, 255).to(torch.uint8), y]
+    return tuple(out)
+
+
+def _load_torchvision(name, data_dir, download):
+    import torchvision.datasets as tvd
+    if name == "svhn":
+        try:  # checked first, so that a missing scipy is not reported only after a download
+            import scipy.io  # noqa: F401
+        except ImportError:
+            raise DatasetError("reading svhn needs scipy: pip install scipy") from None
+        make, splits = tvd.SVHN, [{"split": "train"}, {"split": "test"}]
+        what = "train_32x32.mat and test_32x32.mat"
+    else:
+        make = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        splits = [{"train": True}, {"train": False}]
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        what = f"the extracted '{folder}' folder"
+    out = []
+    for split in splits:
+        try:
+            ds = make(root=str(data_dir), download=download, **split)
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            raise DatasetError(f"{name} not found under {data_dir}: put {what} there, "
+                               "or pass --download") from None
+        x = torch.as_tensor(ds.data)  # SVHN is already NCHW, CIFAR is NHWC
+        out += [(x if name == "svhn" else x.permute(0, 3, 1, 2)).contiguous(),
+                torch.as_tensor(ds.labels if name == "svhn" else ds.targets, dtype=torch.int64)]
+    return tuple(out)
+
+
+def load_arrays(name, data_dir, download=False):
+    """Return (train_x, train_y, test_x, test_y): uint8 [N, 3, 32, 32] images, int64 labels."""
+    if name not in NUM_CLASSES:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name == "synthetic":
+        return _synthetic()
+    if name == "fashion-mnist":
+        return _load_fashion(Path(data_dir), download)
+    return _load_torchvision(name, Path(data_dir), download)
+
+
+class Batches:
+    """Mini-batches of an in-memory uint8 image set, augmented and normalised in torch."""
+
+    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, device="cpu"):
+        if batch_size < 1 or len(labels) == 0:  # an empty set would make infinite() spin forever
+            raise ValueError(f"need batch_size >= 1 and samples: {batch_size}, {len(labels)}")
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self):
+        """Number of batches per epoch; the last one may be smaller."""
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def epoch_plan(self, epoch):
+        """Return `epoch`'s (perm, dx, dy, flip); the k-th dx, dy, flip go with sample perm[k]."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.labels)
+        perm = torch.randperm(n, generator=g)
+        dx, dy = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        return tuple(t.to(self.device) for t in (perm, dx, dy, flip))
+
+    @staticmethod
+    def crop_flip(x, dx, dy, flip):
+        """Crop at (dx, dy) from the images zero-padded by 4, then flip horizontally where asked."""
+        padded = F.pad(x, (4, 4, 4, 4))
+        r = torch.arange(x.shape[-1], device=x.device)
+        rows, cols = dy[:, None] + r, dx[:, None] + r
+        # flipping a crop is reading its columns backwards
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        b, c = torch.arange(len(x), device=x.device), torch.arange(x.shape[1], device=x.device)
+        return padded[b[:, None, None, None], c[None, :, None, None],
+                      rows[:, None, :, None], cols[:, None, None, :]]
+
+    def _normalise(self, x):
+        return (x.float() / 255 - self.mean) / self.std
+
+    def __iter__(self):
+        """Yield (x float32 normalised, y int64) on the device: a full pass, or the epoch's rest."""
+        bs = self.batch_size
+        if not self.train:
+            for s in range(0, len(self.labels), bs):
+                yield self._normalise(self.images[s:s + bs]), self.labels[s:s + bs]
+            return
+        perm, dx, dy, flip = self.epoch_plan(self.epoch)
+        while self.batch < len(self):
+            sl = slice(self.batch * bs, (self.batch + 1) * bs)
+            idx = perm[sl]
+            x = self.crop_flip(self.images[idx], dx[sl], dy[sl], flip[sl])
+            self.batch += 1  # before yielding, so a state saved after k batches says batch=k
+            yield self._normalise(x), self.labels[idx]
+        # reached only when the pass is run to its end (as infinite() does): an abandoned
+        # iterator leaves the state at batch=len(self), and the next __iter__ just ends the epoch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self):
+        """Position in the data stream: the epoch and the batches of it already consumed."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state):
+        """Resume at a position returned by state_dict()."""
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"bad data state {state} for {len(self)} batches per epoch")
+        self.epoch, self.batch = epoch, batch
+
+
+def infinite(batches):
+    """Endless stream of batches, epoch after epoch; create it once and call next() on it."""
+    while True:
+        yield from batches
+
+
+def build_batches(name, data_dir, batch_size, *, val_size=0, download=False, seed=0,
+                  device="cpu"):
+    """Return (train Batches, eval Batches, num_classes); eval is a held-out split if val_size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    train_x, train_y, eval_x, eval_y = load_arrays(name, data_dir, download)
+    if val_size > 0:
+        if val_size >= len(train_y):
+            raise DatasetError(f"val_size {val_size} >= {len(train_y)} training samples")
+        g = torch.Generator().manual_seed(_VAL_SPLIT_SEED)
+        order = torch.randperm(len(train_y), generator=g)
+        val, rest = order[:val_size].sort().values, order[val_size:].sort().values
+        train_x, train_y, eval_x, eval_y = train_x[rest], train_y[rest], train_x[val], train_y[val]
+    mean, std = MEAN_STD[name]
+    return (Batches(train_x, train_y, batch_size, mean, std, train=True, seed=seed, device=device),
+            Batches(eval_x, eval_y, batch_size, mean, std, train=False, device=device),
+            NUM_CLASSES[name])
+
+
+def test_batches(name, data_dir, batch_size, *, download=False, device="cpu"):
+    """Return the test-set Batches (in order, unaugmented) for evaluation scripts."""
+    _, _, test_x, test_y = load_arrays(name, data_dir, download)
+    return Batches(test_x, test_y, batch_size, *MEAN_STD[name], train=False, device=device)

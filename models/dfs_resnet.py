@@ -1,0 +1,151 @@
+"""The DFS network: a CIFAR ResNet whose blocks 2..3n are gated per sample (spec/dfs.md §3-§4).
+
+For each gated block the gate picks one option: skip (the block's shortcut), a bitwidth
+(weights and input activations of the block's convs fake-quantized), or full precision.
+Training computes every option and mixes them with the straight-through mask; inference
+computes only the option each sample chose, grouping the batch by decision.
+"""
+import torch
+import torch.nn as nn
+
+from models.cost import (computation_percentage, option_bits, option_costs, option_names,
+                         parse_options)
+from models.gate import GateEmbedding, LSTMGate
+from models.resnet import CifarResNet, init_weights
+
+EXECUTIONS = ("dynamic", "mixed")
+
+
+@torch.no_grad()
+def module_macs(model, image_size=32):
+    """Multiply-accumulates per image of every Conv2d/Linear, from one full-precision pass."""
+    macs, handles = {}, []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):  # out elements x (in / groups x kernel)
+            handles.append(m.register_forward_hook(
+                lambda m, i, out: macs.__setitem__(m, out[0].numel() * m.weight[0].numel())))
+    was_training = model.training
+    model.eval()
+    try:
+        CifarResNet.forward(model, torch.zeros(1, 3, image_size, image_size,
+                                               device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def mix(candidates, hard):
+    """sum_k hard[:, k] * candidates[k]: each sample's chosen output, differentiable in `hard`."""
+    out = 0
+    for k, c in enumerate(candidates):
+        out = out + hard[:, k].view(-1, *([1] * (c.dim() - 1))) * c
+    return out
+
+
+class DFSResNet(CifarResNet):
+    """CIFAR ResNet with a recurrent gate choosing an execution option for every block but the first.
+
+    forward(x, execution="dynamic"|"mixed", force_option=None) -> (logits [B, classes],
+    decisions [B, 3n-1, options]). Shares parameter names with `CifarResNet`, so a stage-1
+    state dict loads with only the gate's parameters missing (`load_backbone`).
+    """
+
+    def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False):
+        super().__init__(depth, num_classes, stochastic_act_rounding)
+        self.options = parse_options(options)
+        self.option_names = option_names(self.options)
+        self.gate_embeds = nn.ModuleList(GateEmbedding(b.conv2.out_channels) for b in self.blocks[:-1])
+        self.gate = LSTMGate(len(self.options))
+        init_weights(self.gate_embeds)
+        init_weights(self.gate)
+        self.register_buffer("option_costs", option_costs(self.options), persistent=False)
+        self._register_macs()
+
+    def _register_macs(self):
+        """Per-block MACs from the built modules, for the whole-network report (`complexity`)."""
+        macs = module_macs(self)
+        block = [sum(macs.get(m, 0) for m in b.modules()) for b in self.blocks]
+        skip = [macs[b.shortcut_conv] if b.projection else 0 for b in self.blocks[1:]]
+        self.fixed_macs = macs[self.conv1] + block[0] + macs[self.fc]  # stem, block 1, classifier
+        self.register_buffer("block_macs", torch.tensor(block[1:], dtype=torch.float32), persistent=False)
+        skip_share = torch.tensor(skip, dtype=torch.float32) / self.block_macs
+        bitops = self.option_costs.repeat(len(skip), 1)  # [G, O], relative to the block at full
+        executed = torch.ones_like(bitops)
+        if "skip" in self.options:
+            bitops[:, self.options.index("skip")] = skip_share  # the projection shortcut, full precision
+            executed[:, self.options.index("skip")] = skip_share
+        self.register_buffer("bitops_table", bitops, persistent=False)
+        self.register_buffer("executed_table", executed, persistent=False)
+
+    def computation_percentage(self, decisions):
+        """The paper's computation percentage (every gated block weighs the same)."""
+        return computation_percentage(decisions, self.option_costs)
+
+    def complexity(self, decisions):
+        """Whole-network figures per image: executed MACs and BitOPs as % of the full-precision network.
+
+        Counts the stem, block 1, the classifier and skip's projection shortcuts (at full
+        precision); leaves out the gates (about 1k MACs per block) and BN/ReLU/pooling.
+        """
+        full = self.fixed_macs + self.block_macs.sum()
+        return {
+            "macs": computation_percentage(decisions, self.executed_table, self.block_macs, self.fixed_macs) * full / 100,
+            "bitops_percentage": computation_percentage(decisions, self.bitops_table, self.block_macs, self.fixed_macs),
+        }
+
+    def run_option(self, block, x, k):
+        """Output of `block` on `x` under option index k."""
+        option = self.options[k]
+        return block.shortcut(x) if option == "skip" else block(x, option_bits(option))
+
+    def run_dynamic(self, block, x, hard):
+        """Compute only each sample's chosen option, one group of samples per option."""
+        choice = hard.argmax(1)
+        # The one host sync per block: group sizes decide which work is done at all.
+        counts = torch.bincount(choice, minlength=len(self.options)).tolist()
+        order = torch.argsort(choice, stable=True)
+        groups = x.index_select(0, order).split(counts)
+        out = torch.cat([self.run_option(block, g, k) for k, g in enumerate(groups) if counts[k]])
+        return torch.empty_like(out).index_copy_(0, order, out)
+
+    def forward(self, x, execution="dynamic", force_option=None):
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        num_options = len(self.options)
+        if force_option is not None and not 0 <= force_option < num_options:
+            raise ValueError(f"force_option must be in 0..{num_options - 1}, got {force_option}")
+        x = self.blocks[0](self.stem(x))  # block 1 always runs at full precision
+        state = self.gate.init_state(x.shape[0], x.device, x.dtype)
+        decisions = []
+        for block, embed in zip(self.blocks[1:], self.gate_embeds):
+            if force_option is not None:
+                hard = x.new_zeros(x.shape[0], num_options)
+                hard[:, force_option] = 1
+                x = self.run_option(block, x, force_option)
+            else:
+                _, hard, state = self.gate(embed(x), state)
+                if self.training or execution == "mixed":
+                    x = mix([self.run_option(block, x, k) for k in range(num_options)], hard)
+                else:
+                    x = self.run_dynamic(block, x, hard)
+            decisions.append(hard)
+        return self.head(x), torch.stack(decisions, 1)
+
+    def gate_keys(self):
+        """State-dict keys that belong to the gate (absent from a stage-1 backbone)."""
+        return {k for k in self.state_dict() if k.startswith(("gate.", "gate_embeds."))}
+
+    def load_backbone(self, state_dict):
+        """Load a plain-ResNet state dict; exactly the gate's keys may be missing, nothing unexpected."""
+        # Checked before loading: load_state_dict raises RuntimeError on a shape mismatch (e.g. a
+        # ResNet-20 into a DFS-ResNet-38) even with strict=False, after copying what fits.
+        own = self.state_dict()
+        missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
+        mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+        if missing - self.gate_keys() or unexpected or mismatched:
+            raise ValueError(f"not a backbone of this network: missing {sorted(missing - self.gate_keys())[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}, wrong shape {mismatched[:5]}")
+        self.load_state_dict(state_dict, strict=False)
+        return sorted(missing)

@@ -1,0 +1,455 @@
+"""The training engine shared by the three DFS stages (spec/dfs.md §5-§6).
+
+A stage script states only what differs: where its weights come from, what trains, the
+loss and the schedule (a `Stage`); `main(stage)` does the rest: arguments, data, model,
+resume, the iteration loop, evaluation, checkpoints and logs.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import data
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models import build_model, is_gated, parse_options, resolve_name
+from models.cost import computation_percentage, cost_penalty
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported in one line with exit status 2."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """What makes a training stage: its name, defaults, parent stage, trainable params and loss."""
+    name: str  # "base" | "gate_init" | "dfs", stored in every checkpoint
+    gated: bool
+    parent: Optional[str]  # the stage whose checkpoint --resume may start this one from
+    lr: float
+    iters: int
+    trainable: Callable  # model -> parameters to optimise
+    make_loss: Callable  # args -> loss_fn(logits, decisions, target, model) -> (loss, cp or None)
+    target_cp: Optional[float] = None
+
+
+def cross_entropy_loss(args):
+    """Stage 1: plain cross entropy."""
+    return lambda logits, decisions, target, model: (F.cross_entropy(logits, target), None)
+
+
+def budget_loss(args):
+    """Stages 2-3: CE + beta * s * C, s = +1 above the target computation percentage, else -1 (§5)."""
+    def loss_fn(logits, decisions, target, model):
+        cp = model.computation_percentage(decisions.detach())
+        sign = torch.where(cp > args.target_cp, 1.0, -1.0)
+        penalty = cost_penalty(decisions, model.option_costs)
+        return F.cross_entropy(logits, target) + args.cost_weight * sign * penalty, cp
+    return loss_fn
+
+
+def parse_args(stage, argv=None):
+    """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags."""
+    p = argparse.ArgumentParser(description=f"DFS stage: {stage.name}")
+    p.add_argument("cmd", choices=["train", "test"])
+    p.add_argument("arch", help="e.g. resnet38, dfs_resnet38, cifar10_resnet_38, cifar10_rnn_gate_38")
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: from the arch alias, else cifar10")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="hold out this many training images to select model_best (default: test set, as the authors)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--iters", type=int, default=stage.iters)
+    p.add_argument("--lr", type=float, default=stage.lr)
+    p.add_argument("--lr-steps", type=int, nargs="*", default=[32000, 48000])
+    p.add_argument("--step-ratio", type=float, default=0.1)
+    p.add_argument("--warm-up", action="store_true", help="lr 0.01 for the first 400 iterations")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--resume", default="", help="checkpoint of this stage (continue) or of the previous one (start)")
+    p.add_argument("--save-folder", default="save_checkpoints")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--print-freq", "--log-interval", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="ignored: data is held and augmented in memory")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
+    if stage.gated:
+        p.add_argument("--options", default=None,
+                       help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "
+                            "the checkpoint's, else 'default'")
+        p.add_argument("--target-cp", "--minimum", type=float, default=stage.target_cp,
+                       help="target computation percentage in (0, 100]")
+        p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
+        p.add_argument("--stochastic-act-rounding", action="store_true",
+                       help="the released code's dithered activation rounding (departs from the paper)")
+    args = p.parse_args(argv)
+    try:
+        validate_args(stage, args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def validate_args(stage, args):
+    """Reject bad values before anything is written; ValueError carries the message."""
+    canonical, implied_classes = resolve_name(args.arch)
+    if is_gated(canonical) != stage.gated:
+        kind = "a gated dfs_resnet / *_rnn_gate_*" if stage.gated else "a plain resnet / *_resnet_*"
+        raise ValueError(f"this stage trains {kind} architecture, got {args.arch}")
+    if args.dataset is None:
+        args.dataset = args.arch.split("_")[0] if implied_classes else "cifar10"
+    if implied_classes and data.NUM_CLASSES[args.dataset] != implied_classes:
+        raise ValueError(f"{args.arch} has {implied_classes} classes but {args.dataset} has "
+                         f"{data.NUM_CLASSES[args.dataset]}")
+    for name in ("iters", "batch_size", "eval_every", "print_freq"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.val_size < 0:
+        raise ValueError("--val-size must be >= 0")
+    for name in ("lr", "momentum", "weight_decay", "step_ratio", "cost_weight"):
+        value = getattr(args, name, 0.0)  # cost_weight: gated stages only
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if stage.gated:
+        if args.options is not None:
+            args.options = list(parse_options(args.options))
+        if not 0 < args.target_cp <= 100:
+            raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
+    try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
+
+
+def seed_everything(seed):
+    """Seed Python and torch (all devices)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Random states that affect training (for exact resume)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def split_output(out):
+    """(logits, decisions or None) from a plain or a gated model's output."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    """Top-1 accuracy, loss, computation percentage and per-block decision distribution."""
+    was_training = model.training
+    model.eval()
+    correct = loss = n = 0
+    usage, macs = 0.0, 0.0
+    for x, y in batches:
+        logits, decisions = split_output(model(x))
+        correct += (logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        n += len(y)
+        if decisions is not None:
+            usage += decisions.sum(0).double()  # [G, O]
+            macs += model.complexity(decisions)["macs"].double() * len(y)
+    model.train(was_training)
+    stats = {"acc": 100 * float(correct) / n, "loss": float(loss) / n, "num_samples": n}
+    if decisions is not None:
+        dist = usage / n  # per block, the share of samples that chose each option
+        stats["computation_percentage"] = float(computation_percentage(dist[None].float(), model.option_costs))
+        stats["bitops_percentage"] = float(model.complexity(dist[None].float())["bitops_percentage"])
+        stats["macs_per_image"] = float(macs) / n
+        stats["decision_distribution"] = dist.tolist()
+    return stats
+
+
+def learning_rate(args, step):
+    """Step schedule: lr x step_ratio at each of --lr-steps; optional 0.01 warm-up for 400 iterations."""
+    if args.warm_up and step < 400:
+        return 0.01
+    return args.lr * args.step_ratio ** sum(step >= s for s in args.lr_steps)
+
+
+def format_report(stats, option_names=None):
+    """A text table: accuracy, computation percentage and the per-block decision distribution."""
+    lines = [f"top-1 accuracy {stats['acc']:.2f} %  ({stats['num_samples']} images)"]
+    if "decision_distribution" in stats:
+        lines.append(f"computation percentage {stats['computation_percentage']:.2f} %  "
+                     f"(whole-network BitOPs {stats['bitops_percentage']:.2f} %, "
+                     f"executed MACs/image {stats['macs_per_image'] / 1e6:.2f} M)")
+        lines.append("block " + "".join(f"{n:>8}" for n in option_names))
+        # Paper numbering: block 1 is the ungated first block, gated blocks are 2..3n.
+        for i, row in enumerate(stats["decision_distribution"]):
+            lines.append(f"{i + 2:>5} " + "".join(f"{100 * v:>7.1f}%" for v in row))
+    return "\n".join(lines)
+
+
+def build_from_checkpoint(stage, args, ckpt):
+    """Build the model for this stage and load weights; returns (model, continuing)."""
+    options = args.options if stage.gated else None
+    if ckpt is None:
+        return build_model(args.arch, data.NUM_CLASSES[args.dataset], options,
+                           getattr(args, "stochastic_act_rounding", False)), False
+    where = args.resume
+    canonical = resolve_name(args.arch)[0]
+    if ckpt["arch"].replace("dfs_", "") != canonical.replace("dfs_", ""):
+        raise UserError(f"{where} holds a {ckpt['arch']}, not a {canonical} backbone")
+    if ckpt["num_classes"] != data.NUM_CLASSES[args.dataset]:
+        raise UserError(f"{where} has {ckpt['num_classes']} classes, {args.dataset} has "
+                        f"{data.NUM_CLASSES[args.dataset]}")
+    if stage.gated and ckpt.get("options") is not None:
+        saved = tuple(ckpt["options"])
+        if options is not None and tuple(options) != saved:
+            raise UserError(f"{where} was trained with options {list(saved)}, not {list(options)}")
+        options = args.options = list(saved)
+    continuing = ckpt["stage"] == stage.name
+    testing = args.cmd == "test" and is_gated(ckpt["arch"]) == stage.gated
+    if not (continuing or testing or ckpt["stage"] == stage.parent):
+        expected = f"a '{stage.parent}' checkpoint to start from or " if stage.parent else ""
+        raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
+                        f"{expected}a '{stage.name}' checkpoint to continue")
+    model = build_model(args.arch, ckpt["num_classes"], options,
+                        getattr(args, "stochastic_act_rounding", False))
+    try:
+        if stage.gated and not is_gated(ckpt["arch"]):
+            model.load_backbone(ckpt["model"])
+        else:
+            model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{where} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
+    return model, continuing
+
+
+class Interrupt:
+    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second signal acts at once)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+class Run:
+    """The mutable state of one training run, and how it is saved."""
+
+    def __init__(self, stage, args, model, optimizer, train_batches, folder):
+        self.stage, self.args, self.model, self.optimizer = stage, args, model, optimizer
+        self.train_batches, self.folder = train_batches, folder
+        self.step, self.best_acc = 0, float("-inf")  # the first evaluation always writes model_best
+
+    def checkpoint(self):
+        """Everything needed to continue exactly, as tensors and plain data."""
+        model = self.model
+        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "best_acc": self.best_acc, "stage": self.stage.name,
+                "arch": resolve_name(self.args.arch)[0], "num_classes": model.num_classes,
+                "options": list(model.options) if self.stage.gated else None,
+                "args": vars(self.args), "data_state": self.train_batches.state_dict(),
+                "rng": rng_state()}
+
+    def restore(self, ckpt):
+        """Continue a run of this stage from its checkpoint; UserError if it cannot be done exactly."""
+        where = self.args.resume
+        missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
+        try:
+            self.train_batches.load_state_dict(ckpt["data_state"])
+        except ValueError as e:
+            raise UserError(f"{where} does not fit this data ({e}): was --batch-size or --val-size changed?")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.best_acc = ckpt["step"], ckpt["best_acc"]
+        set_rng_state(ckpt["rng"])
+
+    def save(self, best=False):
+        """Write checkpoint_latest (and model_best when `best`)."""
+        ckpt = self.checkpoint()
+        save_checkpoint(ckpt, os.path.join(self.folder, "checkpoint_latest.pth.tar"))
+        if best:
+            save_checkpoint(ckpt, os.path.join(self.folder, "model_best.pth.tar"))
+
+
+def log_eval(run, stats, split, writer):
+    """Evaluation record: TensorBoard scalars and one JSON line in log.jsonl."""
+    record = {"step": run.step, "split": split, **stats}
+    with open(os.path.join(run.folder, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is None:
+        return
+    writer.add_scalar(f"{split}/acc", stats["acc"], run.step)
+    writer.add_scalar(f"{split}/loss", stats["loss"], run.step)
+    if "decision_distribution" in stats:
+        writer.add_scalar(f"{split}/computation_percentage", stats["computation_percentage"], run.step)
+        usage = torch.tensor(stats["decision_distribution"]).mean(0)
+        for name, share in zip(run.model.option_names, usage.tolist()):
+            writer.add_scalar(f"{split}/option/{name}", share, run.step)
+
+
+def train_step(run, loss_fn, x, y):
+    """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
+    logits, decisions = split_output(run.model(x))
+    loss, cp = loss_fn(logits, decisions, y, run.model)
+    if not torch.isfinite(loss):  # stop before the bad step touches the weights
+        raise TrainingError(f"non-finite loss at iteration {run.step + 1}; the last good checkpoint "
+                            f"in {run.folder} is kept (try a lower --lr)")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return loss, logits, decisions, cp
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss); exit status 3."""
+
+
+def log_train(run, loss, logits, decisions, cp, y, lr, seconds, writer, say):
+    """The compact per-interval line and its TensorBoard scalars."""
+    acc = 100 * float((logits.argmax(1) == y).float().mean())
+    line = f"iter {run.step}/{run.args.iters}  loss {float(loss.detach()):.4f}  acc {acc:.1f}  lr {lr:g}"
+    if cp is not None:
+        line += f"  cp {float(cp):.2f}"
+    say(f"{line}  {seconds * 1000:.0f} ms/iter")
+    if writer is not None:
+        writer.add_scalar("train/loss", float(loss.detach()), run.step)
+        writer.add_scalar("train/acc", acc, run.step)
+        writer.add_scalar("train/lr", lr, run.step)
+        if cp is not None:
+            writer.add_scalar("train/computation_percentage", float(cp), run.step)
+            for name, share in zip(run.model.option_names, decisions.detach().mean((0, 1)).tolist()):
+                writer.add_scalar(f"train/option/{name}", share, run.step)
+
+
+def evaluate_and_save(run, eval_batches, split, writer, say):
+    """Evaluate, log, write checkpoint_latest (and model_best when better) and report."""
+    device = torch.device(run.args.device)
+    # Evaluation must not move the training random stream (dithered rounding draws from it in
+    # eval too): otherwise where evaluations fall, e.g. a resume's --iters, changes the training.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        stats = evaluate(run.model, eval_batches)
+    best = stats["acc"] > run.best_acc
+    run.best_acc = max(run.best_acc, stats["acc"])
+    log_eval(run, stats, split, writer)
+    run.save(best)
+    say(f"eval iter {run.step}: {split} acc {stats['acc']:.2f}"
+        + (f"  cp {stats['computation_percentage']:.2f}" if "decision_distribution" in stats else "")
+        + f"  (best {run.best_acc:.2f})")
+
+
+def train(run, loss_fn, eval_batches, split, writer=None):
+    """The iteration loop: step, log, evaluate and checkpoint; returns the exit status."""
+    from tqdm import tqdm
+    args = run.args
+    stream = data.infinite(run.train_batches)
+    bar = tqdm(total=args.iters, initial=run.step, disable=not sys.stderr.isatty(), leave=False)
+    say = bar.write if not bar.disable else print
+    tick = time.time()
+    with Interrupt() as stop:
+        while run.step < args.iters:
+            lr = learning_rate(args, run.step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next(stream)
+            loss, logits, decisions, cp = train_step(run, loss_fn, x, y)
+            run.step += 1
+            bar.update(1)
+            if run.step % args.print_freq == 0:
+                log_train(run, loss, logits, decisions, cp, y, lr,
+                          (time.time() - tick) / args.print_freq, writer, say)
+                tick = time.time()
+            if run.step % args.eval_every == 0 or run.step == args.iters:
+                evaluate_and_save(run, eval_batches, split, writer, say)
+            if stop.signum is not None:
+                run.save()
+                bar.close()
+                print(f"interrupted at iteration {run.step}; saved {run.folder}/checkpoint_latest.pth.tar. "
+                      f"Continue with the same command plus --resume {run.folder}/checkpoint_latest.pth.tar",
+                      file=sys.stderr)
+                return 128 + stop.signum
+    bar.close()
+    return 0
+
+
+def run_stage(stage, args):
+    """Everything after argument parsing; raises UserError-like exceptions for bad input."""
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    model, continuing = build_from_checkpoint(stage, args, ckpt)
+    model.to(device)
+    if args.cmd == "test":
+        if ckpt is None:
+            raise UserError("test needs --resume CHECKPOINT")
+        batches = data.test_batches(args.dataset, args.data_dir, args.batch_size,
+                                    download=args.download, device=device)
+        print(format_report(evaluate(model, batches), getattr(model, "option_names", None)))
+        return 0
+    train_batches, eval_batches, _ = data.build_batches(
+        args.dataset, args.data_dir, args.batch_size, val_size=args.val_size,
+        download=args.download, seed=args.seed, device=device)
+    trainable = list(stage.trainable(model))
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    run = Run(stage, args, model, optimizer, train_batches, os.path.join(args.save_folder, args.arch))
+    if continuing:
+        run.restore(ckpt)
+        if run.step >= args.iters:
+            print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
+            return 0
+    os.makedirs(run.folder, exist_ok=True)
+    with open(os.path.join(run.folder, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    print(f"stage {stage.name}: {args.arch} on {args.dataset}, {device}, torch {torch.__version__}, "
+          f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(run.folder)
+    try:
+        return train(run, stage.make_loss(args), eval_batches, "val" if args.val_size else "test", writer)
+    finally:
+        writer.close()
+
+
+def main(stage, argv=None):
+    """Command-line entry point of a stage script; returns the exit status."""
+    args = parse_args(stage, argv)
+    try:
+        return run_stage(stage, args)
+    except (UserError, CheckpointError, data.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3

@@ -1,0 +1,127 @@
+"""Evaluate checkpoints: top-1 accuracy, computation percentage, per-block decisions (spec/dfs.md §6).
+
+    python eval.py save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar --dataset cifar10
+    python eval.py run50/model_best.pth.tar run40/model_best.pth.tar --json results.json --plot-dir plots
+
+Architecture and options are read from each checkpoint. With several checkpoints it also
+prints the accuracy-vs-computation table and writes two PNGs: accuracy against computation
+percentage, and each checkpoint's decision distribution per block (as the paper's figures).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import data
+from checkpoint import CheckpointError, load_checkpoint
+from engine import evaluate, format_report
+from models import build_model
+
+
+def load_model(path, device):
+    """Model and checkpoint from a checkpoint file (architecture and options from the file)."""
+    ckpt = load_checkpoint(path)
+    saved_args = ckpt.get("args") or {}
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("options"),
+                            bool(saved_args.get("stochastic_act_rounding", False)))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not hold a valid {ckpt['arch']}: {str(e).splitlines()[0][:200]}")
+    return model.to(device), ckpt
+
+
+def evaluate_checkpoint(path, args):
+    """The JSON record of one checkpoint on args.dataset (default: the dataset it was trained on)."""
+    model, ckpt = load_model(path, args.device)
+    dataset = args.dataset or (ckpt.get("args") or {}).get("dataset") or "cifar10"
+    if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
+        raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
+    batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
+                                device=args.device)
+    stats = evaluate(model, batches)
+    print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
+    return {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
+            "option_names": getattr(model, "option_names", ["full"]),
+            "decision_distribution": stats.get("decision_distribution"),
+            "bitops_percentage": stats.get("bitops_percentage", 100.0),
+            "num_samples": stats["num_samples"], "checkpoint": path, "arch": ckpt["arch"],
+            "dataset": dataset, "stage": ckpt["stage"], "step": ckpt["step"]}
+
+
+def table(records):
+    """Accuracy-vs-computation table, sorted by computation percentage."""
+    rows = ["| computation % | top-1 % | arch | checkpoint |", "|---:|---:|---|---|"]
+    for r in sorted(records, key=lambda r: r["computation_percentage"]):
+        rows.append(f"| {r['computation_percentage']:.2f} | {r['accuracy']:.2f} | {r['arch']} | {r['checkpoint']} |")
+    return "\n".join(rows)
+
+
+def plot(records, folder):
+    """accuracy_vs_computation.png and decision_distribution.png in `folder`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(folder, exist_ok=True)
+    records = sorted(records, key=lambda r: r["computation_percentage"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([r["computation_percentage"] for r in records], [r["accuracy"] for r in records], "o-")
+    ax.set(xlabel="computation percentage (%)", ylabel="top-1 accuracy (%)", title="accuracy vs computation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "accuracy_vs_computation.png"), dpi=120)
+    plt.close(fig)
+    gated = [r for r in records if r["decision_distribution"]]
+    if not gated:
+        return
+    fig, axes = plt.subplots(len(gated), 1, figsize=(8, 2.2 * len(gated) + 0.6), squeeze=False)
+    for ax, r in zip(axes[:, 0], gated):
+        dist = torch.tensor(r["decision_distribution"]) * 100  # [blocks, options]
+        blocks = range(2, len(dist) + 2)  # paper numbering: block 1 is never gated
+        bottom = torch.zeros(len(dist))
+        for k, name in enumerate(r["option_names"]):
+            ax.bar(blocks, dist[:, k], bottom=bottom, label=name, width=0.8)
+            bottom += dist[:, k]
+        ax.set(ylabel="% of images", ylim=(0, 100), xticks=list(blocks),
+               title=f"{r['arch']}: {r['computation_percentage']:.1f} % computation, {r['accuracy']:.2f} % top-1")
+    axes[-1, 0].set_xlabel("block")
+    axes[0, 0].legend(ncol=len(gated[0]["option_names"]), fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "decision_distribution.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: the one the checkpoint was trained on")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the results here (a list when several checkpoints)")
+    p.add_argument("--plot-dir", help="write the PNG plots here (default with several checkpoints: eval_plots)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be positive")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
+    except (CheckpointError, data.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(records) > 1:
+        print("\n" + table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+    if args.plot_dir or len(records) > 1:
+        plot(records, args.plot_dir or "eval_plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

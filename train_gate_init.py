@@ -1,0 +1,21 @@
+"""Stage 2: train only the gate, backbone frozen, toward full execution (spec/dfs.md §6).
+
+Starts from a stage-1 checkpoint (--resume); the backbone's parameters are frozen but the
+model stays in train mode, so BN and activation-range statistics keep updating as in the
+released code. The loss is the stage-3 loss with the target at 100 %.
+
+    python train_gate_init.py train cifar10_rnn_gate_38 --minimum 100 --lr 0.01 \
+        --resume save_checkpoints/backbone/cifar10_resnet_38/model_best.pth.tar --iters 2000 \
+        --save-folder save_checkpoints/full_execution
+"""
+import itertools
+import sys
+
+from engine import Stage, budget_loss, main
+
+STAGE = Stage(name="gate_init", gated=True, parent="base", lr=0.01, iters=2000, target_cp=100.0,
+              trainable=lambda m: itertools.chain(m.gate.parameters(), m.gate_embeds.parameters()),
+              make_loss=budget_loss)
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE))

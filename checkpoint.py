@@ -23,7 +23,10 @@ def save_checkpoint(ckpt, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints travel between people
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(ckpt, format=FORMAT), f)
             f.flush()

@@ -1,0 +1,649 @@
+"""Reliability of training, checkpoints and evaluation: exact resume, atomic checkpoints,
+interruption, non-finite loss, bad checkpoints, bad arguments and odd-but-valid input.
+
+Everything trains resnet20 / dfs_resnet20 on the synthetic dataset shrunk (in this module) to
+64 training images (4 batches of 16 per epoch) and 40 test images (16 + 16 + 8), on one CPU
+thread. Stages run in-process through `engine.main`; real subprocesses only where a process
+is the point (signals, exit status, what reaches stderr).
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import data
+import engine
+import models
+import train_base
+import train_dfs
+import train_gate_init
+
+eval_cli = importlib.import_module("eval")  # eval.py; `import eval` would read as the builtin
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"base": train_base.STAGE, "gate_init": train_gate_init.STAGE, "dfs": train_dfs.STAGE}
+ARCH = {"base": "resnet20", "gate_init": "dfs_resnet20", "dfs": "dfs_resnet20"}
+TRAIN_SIZE, TEST_SIZE = 64, 40
+N, K = 6, 3  # a 6-iteration run crosses the epoch boundary at 4; stops happen mid-epoch at 3
+SUBPROCESS_ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_world():
+    """A small synthetic dataset and one thread (2 spinning threads crawl on a shared 2-core box)."""
+    saved = data.SYNTHETIC_SIZES, torch.get_num_threads()
+    data.SYNTHETIC_SIZES = (TRAIN_SIZE, TEST_SIZE)
+    torch.set_num_threads(1)
+    yield
+    data.SYNTHETIC_SIZES = saved[0]
+    torch.set_num_threads(saved[1])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def train(stage, save, extra=(), *, iters, hook=None, stage_def=None):
+    """engine.main for `stage` in-process; returns (exit status, [(iteration, loss, batch size)]).
+
+    hook(run, x) runs before each step and may return a replacement batch x.
+    """
+    argv = ["train", ARCH[stage], "--dataset", "synthetic", "--batch-size", "16", "--device", "cpu",
+            "--data-dir", str(Path(save).parent / "data"), "--save-folder", str(save),
+            "--iters", str(iters), *map(str, extra)]
+    steps, real_step = [], engine.train_step
+
+    def recording_step(run, loss_fn, x, y):
+        changed = hook(run, x) if hook is not None else None
+        x = x if changed is None else changed
+        out = real_step(run, loss_fn, x, y)
+        steps.append((run.step + 1, out[0].item(), len(y)))  # run.step counts finished iterations
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "train_step", recording_step)
+        rc = engine.main(stage_def or STAGES[stage], argv)
+    return rc, steps
+
+
+def latest(save, stage):
+    return Path(save) / ARCH[stage] / "checkpoint_latest.pth.tar"
+
+
+def best(save, stage):
+    return Path(save) / ARCH[stage] / "model_best.pth.tar"
+
+
+def load(path):
+    return checkpoint.load_checkpoint(str(path))
+
+
+def log_records(save, stage):
+    return [json.loads(line) for line in (Path(save) / ARCH[stage] / "log.jsonl").read_text().splitlines()]
+
+
+def snapshot(folder):
+    """Bytes and mtime of every file under `folder`."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def assert_same_training_state(a, b, same_evaluations=True):
+    """Model, optimizer, position in the data and random state are identical (torch.equal)."""
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"model tensors differ: {differ[:5]}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa and sa.keys() == sb.keys()
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert a["data_state"] == b["data_state"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+    if same_evaluations:
+        assert a["best_acc"] == b["best_acc"]
+
+
+def one_line_error(text, *needles):
+    """stderr is exactly one line, an error naming each of `needles`, without a traceback."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error: ") and "Traceback" not in text
+    for needle in needles:
+        assert str(needle) in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def parents(small_world, tmp_path_factory):
+    """A 2-iteration stage-1 checkpoint and a 2-iteration stage-2 one (options skip,8,full) from it."""
+    root = tmp_path_factory.mktemp("parents")
+    assert train("base", root / "base", iters=2)[0] == 0
+    assert train("gate_init", root / "gate", ["--resume", latest(root / "base", "base"),
+                                              "--options", "skip,8,full"], iters=2)[0] == 0
+    return {"base": latest(root / "base", "base"), "gate_init": latest(root / "gate", "gate_init")}
+
+
+@pytest.fixture(scope="module")
+def start(parents):
+    """How each stage starts: from scratch, from the stage-1, from the stage-2 checkpoint."""
+    return {"base": [],
+            "gate_init": ["--resume", parents["base"], "--options", "skip,8,full"],
+            # dithered rounding draws from the global RNG in training and in evaluation
+            "dfs": ["--resume", parents["gate_init"], "--stochastic-act-rounding"]}
+
+
+@pytest.fixture(scope="module")
+def reference(start, tmp_path_factory):
+    """Uninterrupted N-iteration run of a stage (evaluating at 4 and 6), computed once per stage."""
+    cache = {}
+
+    def get(stage):
+        if stage not in cache:
+            save = tmp_path_factory.mktemp(f"reference-{stage}")
+            rc, steps = train(stage, save, start[stage] + ["--eval-every", "4"], iters=N)
+            assert rc == 0 and [s for s, _, _ in steps] == list(range(1, N + 1))
+            cache[stage] = save, steps
+        return cache[stage]
+    return get
+
+
+# ----------------------------------------------------------------------------- 1. exact resume
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_after_iters_k_equals_uninterrupted_run(stage, start, reference, tmp_path):
+    """--iters K, then --resume checkpoint_latest --iters N == N straight, with evaluations elsewhere."""
+    ref_save, ref_steps = reference(stage)
+    save = tmp_path / "save"
+    rc1, first = train(stage, save, start[stage] + ["--eval-every", "2"], iters=K)
+    rc2, second = train(stage, save, start[stage] + ["--eval-every", "5", "--resume", latest(save, stage)],
+                        iters=N)
+    assert (rc1, rc2) == (0, 0)
+    assert [s for s, _, _ in first] == [1, 2, 3] and [s for s, _, _ in second] == [4, 5, 6]
+    assert first + second == ref_steps  # every training loss, exactly
+    assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)), same_evaluations=False)
+    # evaluations at 2, 3, 5 (here) and 4 (there) change nothing: the final ones agree exactly
+    assert [r["step"] for r in log_records(save, stage)] == [2, 3, 5, 6]
+    assert log_records(save, stage)[-1] == log_records(ref_save, stage)[-1]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resuming_a_finished_run_is_a_clean_no_op(stage, start, reference, capsys):
+    ref_save, _ = reference(stage)
+    before = snapshot(ref_save)
+    capsys.readouterr()
+    rc, steps = train(stage, ref_save, start[stage] + ["--resume", latest(ref_save, stage)], iters=N)
+    out, err = capsys.readouterr()
+    assert rc == 0 and steps == [] and err == ""
+    assert "already finished 6 of --iters 6" in out and "nothing to do" in out
+    assert snapshot(ref_save) == before  # same files, bytes and modification times
+
+
+# ----------------------------------------------------------------------------- 2. atomic checkpoints
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def crashing_save(real_save, crash_on_call):
+    """torch.save that, on call number `crash_on_call`, writes half a checkpoint and then dies."""
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != crash_on_call:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04" + b"\0" * 1000)
+        f.flush()
+        raise SimulatedCrash("power cut")
+    return save
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "checkpoint_latest.pth.tar"
+    checkpoint.save_checkpoint({"model": {"w": torch.ones(3)}, "stage": "base", "arch": "resnet20",
+                                "num_classes": 10, "step": 1}, str(path))
+    renames = []
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((a, b)), os.rename(a, b)))
+    monkeypatch.setattr(torch, "save", crashing_save(torch.save, 1))
+    with pytest.raises(SimulatedCrash):
+        checkpoint.save_checkpoint({"model": {"w": torch.zeros(3)}, "stage": "base", "arch": "resnet20",
+                                    "num_classes": 10, "step": 2}, str(path))
+    assert renames == []  # the half-written file never took the checkpoint's name
+    assert os.listdir(path.parent) == [path.name]  # and the temporary file is gone
+    ckpt = load(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((a, b)), os.rename(a, b)))
+    checkpoint.save_checkpoint(dict(ckpt, step=3), str(path))  # a good save: temp file + rename
+    assert len(renames) == 1 and Path(renames[0][0]).parent == path.parent and renames[0][1] == str(path)
+    assert load(path)["step"] == 3 and os.listdir(path.parent) == [path.name]
+
+
+def test_a_crash_while_training_saves_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """Saves: latest@2, best@2, latest@4 (crashes half-way): latest@2 is intact and loads."""
+    save = tmp_path / "save"
+    monkeypatch.setattr(torch, "save", crashing_save(torch.save, 3))
+    with pytest.raises(SimulatedCrash):
+        train("base", save, ["--eval-every", "2"], iters=4)
+    folder = save / ARCH["base"]
+    assert not [p for p in os.listdir(folder) if p.endswith(".pth.tar") and p.startswith(".tmp")]
+    assert load(latest(save, "base"))["step"] == 2 and load(best(save, "base"))["step"] == 2
+
+
+def scripted_evaluate(monkeypatch, accuracies):
+    accuracies = list(accuracies)
+    monkeypatch.setattr(engine, "evaluate", lambda model, batches: {
+        "acc": accuracies.pop(0), "loss": 1.0, "num_samples": TEST_SIZE})
+
+
+def test_model_best_is_only_replaced_by_a_better_one(tmp_path, monkeypatch):
+    save = tmp_path / "save"
+    scripted_evaluate(monkeypatch, [50.0, 70.0, 60.0, 65.0, 70.0])
+    assert train("base", save, ["--eval-every", "1"], iters=2)[0] == 0
+    # across a resume too: best_acc travels in the checkpoint
+    assert train("base", save, ["--eval-every", "1", "--resume", latest(save, "base")], iters=5)[0] == 0
+    best_ckpt, last = load(best(save, "base")), load(latest(save, "base"))
+    assert best_ckpt["step"] == 2 and best_ckpt["best_acc"] == 70.0  # not 4 (60), 5 (65) or 5 (tie 70)
+    assert last["step"] == 5 and last["best_acc"] == 70.0
+
+
+def test_model_best_is_written_even_when_the_first_evaluation_scores_zero(tmp_path, monkeypatch):
+    save = tmp_path / "save"
+    scripted_evaluate(monkeypatch, [0.0, 0.0])
+    assert train("base", save, ["--eval-every", "1"], iters=2)[0] == 0
+    assert load(best(save, "base"))["step"] == 1
+
+
+# ----------------------------------------------------------------------------- 3. interruption
+
+def signal_at(iteration, signum):
+    """Hook that signals this process during the given iteration (as a user or scheduler would)."""
+    def hook(run, x):
+        if run.step + 1 == iteration and not getattr(hook, "sent", False):
+            # never SIG_DFL here: that would kill pytest instead of failing the test
+            assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
+            hook.sent = True
+            os.kill(os.getpid(), signum)
+    return hook
+
+
+def signal_name(value):
+    return value.name if isinstance(value, signal.Signals) else None
+
+
+@pytest.mark.parametrize("stage,signum", [("base", signal.SIGTERM), ("gate_init", signal.SIGINT),
+                                          ("dfs", signal.SIGTERM), ("dfs", signal.SIGINT)], ids=signal_name)
+def test_signal_saves_at_the_step_boundary_and_resume_is_exact(stage, signum, start, reference,
+                                                               tmp_path, capsys):
+    ref_save, ref_steps = reference(stage)
+    save, command = tmp_path / "save", start[stage] + ["--eval-every", "4"]  # the reference's command
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    rc, first = train(stage, save, command, iters=N, hook=signal_at(K, signum))
+    err = capsys.readouterr().err
+    assert rc == 128 + signum
+    one = err.strip().splitlines()
+    assert len(one) == 1 and f"interrupted at iteration {K}" in one[0]
+    assert f"--resume {latest(save, stage)}" in one[0]
+    assert [s for s, _, _ in first] == [1, 2, 3] and load(latest(save, stage))["step"] == K
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+    rc, second = train(stage, save, command + ["--resume", latest(save, stage)], iters=N)
+    assert rc == 0 and first + second == ref_steps
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)))
+    assert log_records(save, stage) == log_records(ref_save, stage)
+
+
+def read_until(proc, text, timeout):
+    """Lines of proc.stdout up to the first containing `text`."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"no {text!r} within {timeout} s; stdout {seen}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=signal_name)
+def test_signal_to_a_real_training_process(signum, tmp_path, monkeypatch, capsys):
+    save = tmp_path / "save"
+    options = ["--val-size", "448", "--print-freq", "1"]  # 64 training images, as in the other tests
+    cmd = [sys.executable, str(ROOT / "train_base.py"), "train", "resnet20", "--dataset", "synthetic",
+           "--batch-size", "16", "--iters", "1000", "--device", "cpu", "--save-folder", str(save),
+           "--data-dir", str(tmp_path / "data"), *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=SUBPROCESS_ENV, cwd=tmp_path)
+    try:
+        seen = read_until(proc, "iter 1/1000", timeout=120)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        out = "".join(seen) + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    k = int(re.search(r"interrupted at iteration (\d+)", lines[0]).group(1))
+    assert f"--resume {latest(save, 'base')}" in lines[0]
+    assert 1 <= k < 1000 and re.findall(r"iter (\d+)/1000", out)[-1] == str(k)  # stopped right there
+    assert load(latest(save, "base"))["step"] == k
+    # the same command plus --resume continues from iteration k (here for one more iteration)
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", (512, 256))
+    capsys.readouterr()
+    rc, steps = train("base", save, options + ["--resume", latest(save, "base")], iters=k + 1)
+    assert rc == 0 and [s for s, _, _ in steps] == [k + 1]
+    assert f"iterations {k}..{k + 1}" in capsys.readouterr().out
+    assert load(latest(save, "base"))["step"] == k + 1
+
+
+# ----------------------------------------------------------------------------- 4. non-finite loss
+
+def nan_loss_at(iteration, save, seen):
+    """Stage-1 loss that turns NaN at `iteration`, noting checkpoint_latest as it is just then."""
+    def make_loss(args):
+        calls, inner = [], engine.cross_entropy_loss(args)
+
+        def loss_fn(*a):
+            calls.append(1)
+            loss, cp = inner(*a)
+            if len(calls) == iteration:
+                seen.update(snapshot(save))
+                loss = loss * float("nan")
+            return loss, cp
+        return loss_fn
+    return make_loss
+
+
+def nan_input_at(iteration, save, seen):
+    """Hook: the batch of `iteration` holds a NaN (so the model's output and loss do too)."""
+    def hook(run, x):
+        if run.step + 1 == iteration:
+            seen.update(snapshot(save))
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            return x
+    return hook
+
+
+@pytest.mark.parametrize("stage", ["base", "dfs"])
+def test_non_finite_loss_stops_with_status_3_and_keeps_the_checkpoint(stage, start, tmp_path, capsys):
+    save, seen = tmp_path / "save", {}
+    if stage == "base":
+        stage_def = dataclasses.replace(STAGES["base"], make_loss=nan_loss_at(3, save, seen))
+        rc, steps = train(stage, save, ["--eval-every", "2"], iters=4, stage_def=stage_def)
+    else:
+        rc, steps = train(stage, save, start[stage] + ["--eval-every", "2"], iters=4,
+                          hook=nan_input_at(3, save, seen))
+    assert rc == 3 and [s for s, _, _ in steps] == [1, 2]
+    one_line_error(capsys.readouterr().err, "non-finite loss at iteration 3", save / ARCH[stage])
+    assert latest(save, stage) in seen and snapshot(save) == seen  # nothing written since
+    assert load(latest(save, stage))["step"] == 2
+
+
+# ----------------------------------------------------------------------------- 5. loading
+
+class Mkdir:
+    """Unpickling this runs os.mkdir: the kind of payload weights_only=True must refuse."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def write_bad(kind, path, parents):
+    """Write a bad 'checkpoint' of the given kind at `path`."""
+    good = load(parents["base"])
+    if kind == "truncated":
+        raw = parents["base"].read_bytes()
+        path.write_bytes(raw[:len(raw) // 2])
+    elif kind == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif kind.startswith("pickle "):  # tiny pickles that break the unpickler in various ways
+        path.write_bytes({"pickle stack": b"\x80\x02.", "pickle memo": b"\x80\x02h\x05.",
+                          "pickle int": b"\x80\x02J\x01", "pickle protocol": b"\x80\x5f."}[kind])
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "dict without keys":
+        torch.save({"model": good["model"], "epoch": 3}, path)
+    elif kind == "wrong types":
+        torch.save(dict(good, model=torch.zeros(3), arch=20), path)
+    elif kind == "namespace args":
+        torch.save(dict(good, args=argparse.Namespace(**good["args"])), path)
+    elif kind == "code":
+        torch.save(dict(good, args=Mkdir(path.parent / "pwned")), path)
+    return path
+
+
+BAD_FILES = ["missing", "truncated", "random bytes", "pickle stack", "pickle memo", "pickle int",
+             "pickle protocol", "tensor", "dict without keys", "wrong types", "namespace args", "code"]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_a_bad_checkpoint_file_is_one_line_and_status_2(kind, parents, tmp_path, capsys):
+    bad = write_bad(kind, tmp_path / "bad.pth.tar", parents)
+    save = tmp_path / "save"
+    capsys.readouterr()
+    rc, steps = train("gate_init", save, ["--resume", bad], iters=2)
+    assert rc == 2 and steps == []
+    one_line_error(capsys.readouterr().err, bad)
+    assert not save.exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_code_payload_would_run_without_weights_only(parents, tmp_path):
+    """Guards the test above: the 'code' file really executes when unpickled unsafely."""
+    bad = write_bad("code", tmp_path / "bad.pth.tar", parents)
+    torch.load(bad, weights_only=False)
+    assert (tmp_path / "pwned").is_dir()
+
+
+def test_checkpoints_are_always_read_with_weights_only(parents, monkeypatch):
+    seen, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: (seen.append(kw.get("weights_only")), real(*a, **kw))[1])
+    load(parents["base"])
+    eval_cli.load_model(str(parents["gate_init"]), "cpu")
+    assert seen == [True, True]
+
+
+def crafted(tmp_path, name, arch, num_classes, stage="base", options=None, weights_of=None):
+    """A checkpoint holding `weights_of` (default: `arch`) but claiming arch/classes/stage."""
+    model = models.build_model(weights_of or arch, num_classes, options)
+    path = tmp_path / name
+    checkpoint.save_checkpoint({"model": model.state_dict(), "stage": stage, "arch": arch,
+                                "num_classes": num_classes, "step": 0, "options": options}, str(path))
+    return path
+
+
+def mismatch(case, parents, tmp_path):
+    """(stage, --resume file, extra args, words the error must contain) for each mismatch."""
+    if case == "other architecture":
+        return "gate_init", crafted(tmp_path, "r32.pth.tar", "resnet32", 10), [], ["resnet32", "dfs_resnet20"]
+    if case == "weights of another architecture":
+        path = crafted(tmp_path, "lies.pth.tar", "resnet20", 10, weights_of="resnet32")
+        return "gate_init", path, [], ["does not fit", "dfs_resnet20"]
+    if case == "other number of classes":
+        return "gate_init", crafted(tmp_path, "c100.pth.tar", "resnet20", 100), [], ["100 classes", "10"]
+    if case == "other options":
+        return "dfs", parents["gate_init"], ["--options", "skip,full"], ["skip", "8", "full"]
+    if case == "stage 3 from a backbone":
+        return "dfs", parents["base"], [], ["'base' checkpoint", "'gate_init'"]
+    if case == "stage 2 from a stage-3 checkpoint":
+        path = tmp_path / "dfs.pth.tar"
+        checkpoint.save_checkpoint(dict(load(parents["gate_init"]), stage="dfs"), str(path))
+        return "gate_init", path, [], ["'dfs' checkpoint", "'base'", "'gate_init'"]
+    if case == "stage 1 from a stage-2 checkpoint":
+        return "base", parents["gate_init"], [], ["'gate_init' checkpoint", "'base'"]
+    if case == "continuing without training state":
+        path = tmp_path / "bare.pth.tar"
+        good = load(parents["gate_init"])
+        checkpoint.save_checkpoint({k: good[k] for k in [*checkpoint.REQUIRED, "options"]}, str(path))
+        return "gate_init", path, [], ["optimizer"]
+    if case == "continuing with another batch size":  # stopped after 2 of 4 batches; 1 batch now
+        return "gate_init", parents["gate_init"], ["--batch-size", "64"], ["--batch-size"]
+    raise AssertionError(case)
+
+
+MISMATCHES = ["other architecture", "weights of another architecture", "other number of classes",
+              "other options", "stage 3 from a backbone", "stage 2 from a stage-3 checkpoint",
+              "stage 1 from a stage-2 checkpoint", "continuing without training state",
+              "continuing with another batch size"]
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_status_2(case, parents, tmp_path, capsys):
+    stage, path, extra, words = mismatch(case, parents, tmp_path)
+    save = tmp_path / "save"
+    capsys.readouterr()
+    rc, steps = train(stage, save, ["--resume", path, *extra], iters=4)
+    assert rc == 2 and steps == []
+    one_line_error(capsys.readouterr().err, path, *words)
+    assert not save.exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "random bytes", "pickle memo", "tensor",
+                                  "dict without keys", "wrong types", "namespace args", "code"])
+def test_eval_rejects_a_bad_checkpoint_in_one_line(kind, parents, tmp_path, capsys):
+    bad = write_bad(kind, tmp_path / "bad.pth.tar", parents)
+    capsys.readouterr()
+    rc = eval_cli.main([str(bad), "--dataset", "synthetic", "--device", "cpu",
+                        "--data-dir", str(tmp_path / "data"), "--json", str(tmp_path / "out.json")])
+    assert rc == 2
+    one_line_error(capsys.readouterr().err, bad)
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_eval_process_prints_one_line_for_a_corrupt_checkpoint(tmp_path):
+    """A real process: warnings the unpickler emits must not reach stderr either."""
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"\x80\x5f.")  # pickle protocol 95 (torch warns), then STOP on an empty stack
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(bad), "--dataset", "synthetic",
+                        "--device", "cpu", "--data-dir", str(tmp_path / "data")],
+                       capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    one_line_error(r.stderr, bad)
+
+
+def test_eval_matches_the_training_evaluation(parents, tmp_path, capsys):
+    """eval.py on a good checkpoint (the positive control for the tests above)."""
+    out = tmp_path / "out.json"
+    assert eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--batch-size", "7",
+                          "--data-dir", str(tmp_path / "data"), "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    last = log_records(parents["gate_init"].parent.parent, "gate_init")[-1]
+    assert record["num_samples"] == TEST_SIZE and record["dataset"] == "synthetic"
+    assert record["accuracy"] == last["acc"] and record["decision_distribution"] == last["decision_distribution"]
+
+
+# ----------------------------------------------------------------------------- 6. bad arguments
+
+BAD_ARGS = [  # (stage, architecture, arguments)
+    ("dfs", None, ["--minimum", "0"]), ("dfs", None, ["--minimum", "-5"]),
+    ("dfs", None, ["--minimum", "101"]), ("dfs", None, ["--minimum", "nan"]),
+    ("dfs", None, ["--minimum", "inf"]), ("dfs", None, ["--options", "skip,7x"]),
+    ("dfs", None, ["--options", "skip,33"]), ("dfs", None, ["--options", "skip,0"]),
+    ("dfs", None, ["--options", "skip,8,8"]), ("gate_init", None, ["--beta", "nan"]),
+    ("base", "resnet21", []), ("gate_init", "resnet20", []), ("base", None, ["--dataset", "imagenet"]),
+    ("base", None, ["--iters", "0"]), ("base", None, ["--batch-size", "0"]),
+    ("base", None, ["--batch-size", "-1"]), ("base", None, ["--eval-every", "0"]),
+    ("base", None, ["--lr", "-0.1"]), ("base", None, ["--lr", "nan"]), ("base", None, ["--momentum", "-1"]),
+    ("base", None, ["--weight-decay", "-1e-4"]), ("base", None, ["--device", "nodevice"]),
+]
+
+
+@pytest.mark.parametrize("stage,arch,extra", BAD_ARGS,
+                         ids=[f"{s} {a or ''} {' '.join(e)}" for s, a, e in BAD_ARGS])
+def test_bad_arguments_are_usage_errors_and_write_nothing(stage, arch, extra, tmp_path, capsys):
+    save = tmp_path / "save"
+    argv = ["train", arch or ARCH[stage], "--dataset", "synthetic", "--device", "cpu",
+            "--save-folder", str(save), "--data-dir", str(tmp_path / "data"), *extra]
+    with pytest.raises(SystemExit) as exc:
+        engine.main(STAGES[stage], argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # argparse: the usage (wrapped over a few lines), then one "prog: error: ..." line
+    assert err.startswith("usage: ") and "Traceback" not in err
+    assert re.fullmatch(r"\S+: error: .+", err.strip().splitlines()[-1])
+    assert err.count(": error: ") == 1
+    assert not save.exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        engine.main(STAGES["base"], ["train", "resnet20", "--dataset", "synthetic", "--device", "cuda",
+                                     "--save-folder", str(tmp_path / "save")])
+    assert exc.value.code == 2 and "--device" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "save").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--val-size", "64"]], ids=["missing cifar10", "val-size too big"])
+def test_a_missing_dataset_is_one_line_and_writes_nothing(extra, tmp_path, capsys):
+    save, empty = tmp_path / "save", tmp_path / "empty"
+    empty.mkdir()
+    dataset = "synthetic" if extra else "cifar10"
+    rc = engine.main(STAGES["base"], ["train", "resnet20", "--dataset", dataset, "--data-dir", str(empty),
+                                      "--device", "cpu", "--save-folder", str(save), *extra])
+    assert rc == 2
+    one_line_error(capsys.readouterr().err, *([empty, "--download"] if not extra else ["val_size 64"]))
+    assert not save.exists() and os.listdir(empty) == []
+
+
+# ----------------------------------------------------------------------------- 7. odd but valid input
+
+@pytest.mark.parametrize("stage", ["gate_init", "dfs"])
+def test_a_batch_of_one_trains_and_evaluates(stage, start, tmp_path):
+    save = tmp_path / "save"
+    rc, steps = train(stage, save, start[stage] + ["--batch-size", "1"], iters=2)
+    assert rc == 0 and [(s, n) for s, _, n in steps] == [(1, 1), (2, 1)]
+    assert all(math.isfinite(loss) for _, loss, _ in steps)
+    record = log_records(save, stage)[-1]  # evaluated 40 images one at a time
+    assert record["step"] == 2 and record["num_samples"] == TEST_SIZE and math.isfinite(record["loss"])
+    assert sum(record["decision_distribution"][0]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("stage,batch,sizes", [("base", 24, [24, 24, 16, 24]),
+                                               ("dfs", 21, [21, 21, 21, 1, 21])])
+def test_a_short_last_batch_trains(stage, batch, sizes, start, tmp_path):
+    save = tmp_path / "save"
+    rc, steps = train(stage, save, start[stage] + ["--batch-size", batch], iters=len(sizes))
+    assert rc == 0 and [n for _, _, n in steps] == sizes
+    assert all(math.isfinite(loss) for _, loss, _ in steps)
+    assert load(latest(save, stage))["data_state"] == {"epoch": 1, "batch": 1}
+
+
+def test_evaluation_does_not_depend_on_the_batch_size(parents, tmp_path):
+    ckpt = load(parents["gate_init"])
+    model = models.build_model(ckpt["arch"], ckpt["num_classes"], ckpt["options"])
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():  # a gate whose choices vary from image to image
+        g = torch.Generator().manual_seed(0)
+        model.gate.proj.weight.copy_(5 * torch.randn(model.gate.proj.weight.shape, generator=g))
+    stats = {bs: engine.evaluate(model, data.test_batches("synthetic", tmp_path, bs)) for bs in (1, 7, TEST_SIZE)}
+    whole = stats[TEST_SIZE]
+    dist = torch.tensor(whole["decision_distribution"])
+    assert whole["num_samples"] == TEST_SIZE and (dist.max(1).values < 1).any()  # not trivially equal
+    for bs in (1, 7):
+        for key in ("num_samples", "acc", "decision_distribution", "computation_percentage", "bitops_percentage"):
+            assert stats[bs][key] == whole[key], (bs, key)
+        for key in ("loss", "macs_per_image"):  # float32 sums of per-batch values
+            assert stats[bs][key] == pytest.approx(whole[key], rel=1e-4), (bs, key)

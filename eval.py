@@ -87,7 +87,7 @@ def plot(records, folder):
         ax.set(ylabel="% of images", ylim=(0, 100), xticks=list(blocks),
                title=f"{r['arch']}: {r['computation_percentage']:.1f} % computation, {r['accuracy']:.2f} % top-1")
     axes[-1, 0].set_xlabel("block")
-    axes[0, 0].legend(ncol=len(gated[0]["option_names"]), fontsize=7, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "decision_distribution.png"), dpi=120)
     plt.close(fig)

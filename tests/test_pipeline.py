@@ -38,7 +38,7 @@ def test_pipeline_script(tmp_path):
     ckpt = torch.load(save / "DFS_cp30" / "dfs_resnet20" / "checkpoint_latest.pth.tar", weights_only=True)
     assert ckpt["stage"] == "dfs" and ckpt["step"] == 2 and ckpt["options"] == ["skip", 8, "full"]
     results = json.loads((save / "eval" / "results.json").read_text())
-    assert [r["checkpoint"].split("/")[-3] for r in results] == ["DFS_cp60", "DFS_cp30"]
+    assert [r["checkpoint"].split("/")[-3] for r in results] == ["full_execution", "DFS_cp60", "DFS_cp30"]
     for r in results:
         assert r["num_samples"] == 256 and r["option_names"] == ["skip", "8-bit", "full"]
         dist = torch.tensor(r["decision_distribution"])

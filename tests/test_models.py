@@ -21,14 +21,6 @@ DEFAULT_OPTIONS = ("skip", 8, 10, 12, 14, 16, "full")
 SKIP, FULL = 0, 6  # indices in the default option list
 
 
-@pytest.fixture(autouse=True)
-def _fp32_exact():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def build(name, seed=0, **kw):
     torch.manual_seed(seed)
     return build_model(name, **kw).to(DEVICE)
@@ -154,15 +146,17 @@ def test_architecture_structure():
             assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
 
 
+def bn(t, mod):
+    """Eval-mode batch norm with `mod`'s statistics, written out."""
+    return F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
+
+
 def test_plain_forward_by_hand():
     """CifarResNet.forward equals the spec's block structure written out with functional ops."""
     m = build("resnet20")
     randomize_bn(m)
     m.eval()
     x = images(3)
-
-    def bn(t, mod):
-        return F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
 
     with torch.no_grad():
         h = F.relu(bn(F.conv2d(x, m.conv1.weight, padding=1), m.bn1))
@@ -496,9 +490,6 @@ def test_forced_skip_whole_network_by_hand():
     randomize_bn(m)
     m.eval()
     x = images(3)
-
-    def bn(t, mod):
-        return F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
 
     with torch.no_grad():
         h = F.relu(bn(F.conv2d(x, m.conv1.weight, padding=1), m.bn1))

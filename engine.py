@@ -432,7 +432,8 @@ def run_stage(stage, args):
     os.makedirs(run.folder, exist_ok=True)
     with open(os.path.join(run.folder, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    print(f"stage {stage.name}: {args.arch} on {args.dataset}, {device}, torch {torch.__version__}, "
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
           f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(run.folder)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import data
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models import build_model, is_gated, parse_options, resolve_name
-from models.cost import computation_percentage, cost_penalty
+from models.cost import cost_penalty
 
 
 class UserError(Exception):
@@ -163,7 +163,7 @@ def evaluate(model, batches):
     was_training = model.training
     model.eval()
     correct = loss = n = 0
-    usage, macs = 0.0, 0.0
+    usage = 0.0
     for x, y in batches:
         logits, decisions = split_output(model(x))
         correct += (logits.argmax(1) == y).sum()
@@ -171,14 +171,16 @@ def evaluate(model, batches):
         n += len(y)
         if decisions is not None:
             usage += decisions.sum(0).double()  # [G, O]
-            macs += model.complexity(decisions)["macs"].double() * len(y)
     model.train(was_training)
     stats = {"acc": 100 * float(correct) / n, "loss": float(loss) / n, "num_samples": n}
     if decisions is not None:
+        # Every figure is linear in the decisions, so the mean over samples gives them all.
         dist = usage / n  # per block, the share of samples that chose each option
-        stats["computation_percentage"] = float(computation_percentage(dist[None].float(), model.option_costs))
-        stats["bitops_percentage"] = float(model.complexity(dist[None].float())["bitops_percentage"])
-        stats["macs_per_image"] = float(macs) / n
+        mean = dist[None].float()
+        figures = model.complexity(mean)
+        stats["computation_percentage"] = float(model.computation_percentage(mean))
+        stats["bitops_percentage"] = float(figures["bitops_percentage"])
+        stats["macs_per_image"] = float(figures["macs"])
         stats["decision_distribution"] = dist.tolist()
     return stats
 

@@ -10,11 +10,8 @@ bash scripts/setup.sh
 : "${BASE_ITERS:=600}" "${GATE_ITERS:=60}" "${DFS_ITERS:=200}"
 
 # Fashion-MNIST: files already present, else Debian's package, else torchvision's download.
-have_fashion() {
-    for d in "$DATA_DIR" "$DATA_DIR/fashion-mnist" "$DATA_DIR/FashionMNIST/raw" /usr/share/datasets/fashion-mnist; do
-        ls "$d"/train-images-idx3-ubyte* >/dev/null 2>&1 && return 0
-    done
-    return 1
+have_fashion() {  # data.py's own search (data dir, its fashion-mnist/, Debian's folder)
+    .venv/bin/python -c "import data, sys; data.load_arrays('fashion-mnist', sys.argv[1])" "$DATA_DIR" 2>/dev/null
 }
 download=()
 if ! have_fashion; then

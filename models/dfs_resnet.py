@@ -2,8 +2,9 @@
 
 For each gated block the gate picks one option: skip (the block's shortcut), a bitwidth
 (weights and input activations of the block's convs fake-quantized), or full precision.
-Training computes every option and mixes them with the straight-through mask; inference
-computes only the option each sample chose, grouping the batch by decision.
+Training computes every option and mixes them with the straight-through mask, keeping in the
+autograd graph only the options that some sample chose; inference computes only the option
+each sample chose, grouping the batch by decision.
 """
 import torch
 import torch.nn as nn
@@ -12,6 +13,7 @@ from models.cost import (computation_percentage, option_bits, option_costs, opti
                          parse_options)
 from models.gate import GateEmbedding, LSTMGate
 from models.resnet import CifarResNet, init_weights
+from quantize import input_range
 
 EXECUTIONS = ("dynamic", "mixed")
 
@@ -44,6 +46,12 @@ def mix(candidates, hard):
     return out
 
 
+def option_counts(hard, choice=None):
+    """How many samples chose each option, as a Python list (a host sync)."""
+    choice = hard.detach().argmax(1) if choice is None else choice
+    return torch.bincount(choice, minlength=hard.shape[1]).tolist()
+
+
 class DFSResNet(CifarResNet):
     """CIFAR ResNet with a recurrent gate choosing an execution option for every block but the first.
 
@@ -56,6 +64,7 @@ class DFSResNet(CifarResNet):
         super().__init__(depth, num_classes, stochastic_act_rounding)
         self.options = parse_options(options)
         self.option_names = option_names(self.options)
+        self.quantized = any(not isinstance(o, str) for o in self.options)  # some option has bits
         self.gate_embeds = nn.ModuleList(GateEmbedding(b.conv2.out_channels) for b in self.blocks[:-1])
         self.gate = LSTMGate(len(self.options))
         init_weights(self.gate_embeds)
@@ -95,22 +104,52 @@ class DFSResNet(CifarResNet):
             "bitops_percentage": computation_percentage(decisions, self.bitops_table, self.block_macs, self.fixed_macs),
         }
 
-    def run_option(self, block, x, k):
+    def run_option(self, block, x, k, x_range=None):
         """Output of `block` on `x` under option index k."""
         option = self.options[k]
-        return block.shortcut(x) if option == "skip" else block(x, option_bits(option))
+        return block.shortcut(x) if option == "skip" else block(x, option_bits(option), x_range)
+
+    def run_all(self, block, x, hard, sparse):
+        """Every option's output mixed by `hard` (spec §3): training, and the mixed reference.
+
+        sparse: compute the options that no sample chose without autograd. Their mask column is
+        exactly 0, so they add nothing to any gradient; what is needed of them, their values (the
+        gate's straight-through gradient is <dL/dout, out_k>) and their BN and range-buffer
+        updates, is unchanged. Same loss, gradients and buffers as the dense formulation, bit
+        for bit, for one host sync per block (which options were chosen).
+        """
+        # The input's activation range, reduced once for every bitwidth (and the projection).
+        x_range = input_range(x) if self.training and self.quantized else None
+        chosen = [c > 0 for c in option_counts(hard)] if sparse else [True] * len(self.options)
+        candidates = []
+        for k, needed in enumerate(chosen):
+            if needed:
+                candidates.append(self.run_option(block, x, k, x_range))
+            else:
+                with torch.no_grad():
+                    candidates.append(self.run_option(block, x, k, x_range).detach())
+        if sparse and [o for o, c in zip(self.options, chosen) if c] == ["skip"]:
+            # Only skip was chosen, so the block's convs and BNs are in no kept option; the dense
+            # formulation gives them a zero gradient (SGD then still applies weight decay and
+            # momentum), not none. An exact zero term keeps them in the graph: same values.
+            hard = hard + 0 * sum(p.sum() for n, p in block.named_parameters() if not n.startswith("shortcut_"))
+        return mix(candidates, hard)
 
     def run_dynamic(self, block, x, hard):
         """Compute only each sample's chosen option, one group of samples per option."""
         choice = hard.argmax(1)
-        # The one host sync per block: group sizes decide which work is done at all.
-        counts = torch.bincount(choice, minlength=len(self.options)).tolist()
+        counts = option_counts(hard, choice)  # the one host sync per block: it decides the work
+        if max(counts) == len(x):  # one option for the whole batch: no gather/scatter
+            return self.run_option(block, x, counts.index(len(x)))
         order = torch.argsort(choice, stable=True)
         groups = x.index_select(0, order).split(counts)
         out = torch.cat([self.run_option(block, g, k) for k, g in enumerate(groups) if counts[k]])
         return torch.empty_like(out).index_copy_(0, order, out)
 
     def forward(self, x, execution="dynamic", force_option=None):
+        """execution: "dynamic" (default) computes, in eval, only the chosen options and, in
+        training, back-propagates only through chosen options; "mixed" is the reference that
+        computes every option with autograd and mixes them (the released code's formulation)."""
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         num_options = len(self.options)
@@ -127,7 +166,7 @@ class DFSResNet(CifarResNet):
             else:
                 _, hard, state = self.gate(embed(x), state)
                 if self.training or execution == "mixed":
-                    x = mix([self.run_option(block, x, k) for k in range(num_options)], hard)
+                    x = self.run_all(block, x, hard, sparse=self.training and execution == "dynamic")
                 else:
                     x = self.run_dynamic(block, x, hard)
             decisions.append(hard)

@@ -30,16 +30,17 @@ class BasicBlock(nn.Module):
             self.shortcut_conv = QConv2d(in_planes, planes, 1, stride, 0, **q)
             self.shortcut_bn = nn.BatchNorm2d(planes)
 
-    def shortcut(self, x, bits=None):
+    def shortcut(self, x, bits=None, x_range=None):
         """The residual path; also the block's output when the gate skips it (at full precision)."""
         if not self.projection:
             return x
-        return self.shortcut_bn(self.shortcut_conv(x, bits))
+        return self.shortcut_bn(self.shortcut_conv(x, bits, x_range))
 
-    def forward(self, x, bits=None):
-        out = F.relu(self.bn1(self.conv1(x, bits)))
+    def forward(self, x, bits=None, x_range=None):
+        """x_range: x's training activation range if already reduced (see QConv2d.activation_range)."""
+        out = F.relu(self.bn1(self.conv1(x, bits, x_range)))
         out = self.bn2(self.conv2(out, bits))
-        return F.relu(out + self.shortcut(x, bits))
+        return F.relu(out + self.shortcut(x, bits, x_range))
 
 
 def init_weights(model):

@@ -61,21 +61,37 @@ def table(records):
 
 def plot(records, folder):
     """accuracy_vs_computation.png and decision_distribution.png in `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    plot_accuracy(records, os.path.join(folder, "accuracy_vs_computation.png"))
+    plot_decisions([r for r in records if r["decision_distribution"]],
+                   os.path.join(folder, "decision_distribution.png"))
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    os.makedirs(folder, exist_ok=True)
+    return plt
+
+
+def plot_accuracy(records, path):
+    """One line of top-1 accuracy against computation percentage."""
+    plt = _pyplot()
     records = sorted(records, key=lambda r: r["computation_percentage"])
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([r["computation_percentage"] for r in records], [r["accuracy"] for r in records], "o-")
     ax.set(xlabel="computation percentage (%)", ylabel="top-1 accuracy (%)", title="accuracy vs computation")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "accuracy_vs_computation.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    gated = [r for r in records if r["decision_distribution"]]
+
+
+def plot_decisions(gated, path):
+    """Per gated record, the share of images choosing each option in every block (stacked bars)."""
     if not gated:
         return
+    plt = _pyplot()
     fig, axes = plt.subplots(len(gated), 1, figsize=(8, 2.2 * len(gated) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], gated):
         dist = torch.tensor(r["decision_distribution"]) * 100  # [blocks, options]
@@ -86,10 +102,10 @@ def plot(records, folder):
             bottom += dist[:, k]
         ax.set(ylabel="% of images", ylim=(0, 100), xticks=list(blocks),
                title=f"{r['arch']}: {r['computation_percentage']:.1f} % computation, {r['accuracy']:.2f} % top-1")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1, 0].set_xlabel("block")
-    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "decision_distribution.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

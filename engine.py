@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import runfolder
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models import build_model, is_gated, parse_options, resolve_name
 from models.cost import cost_penalty
@@ -76,6 +77,8 @@ def parse_args(stage, argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--resume", default="", help="checkpoint of this stage (continue) or of the previous one (start)")
     p.add_argument("--save-folder", default="save_checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--print-freq", "--log-interval", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,17 +296,22 @@ class Run:
         set_rng_state(ckpt["rng"])
 
     def save(self, best=False):
-        """Write checkpoint_latest (and model_best when `best`)."""
+        """Write model_best when `best`, then checkpoint_latest; WriteError names a file that failed.
+
+        model_best goes first: should checkpoint_latest then fail, a resume from the previous one
+        evaluates here again and writes the same model_best, so the two never disagree.
+        """
         ckpt = self.checkpoint()
-        save_checkpoint(ckpt, os.path.join(self.folder, "checkpoint_latest.pth.tar"))
-        if best:
-            save_checkpoint(ckpt, os.path.join(self.folder, "model_best.pth.tar"))
+        for name in (["model_best.pth.tar"] if best else []) + ["checkpoint_latest.pth.tar"]:
+            path = os.path.join(self.folder, name)
+            with runfolder.writing(path):
+                save_checkpoint(ckpt, path)
 
 
 def log_eval(run, stats, split, writer):
     """Evaluation record: TensorBoard scalars and one JSON line in log.jsonl."""
-    record = {"step": run.step, "split": split, **stats}
-    with open(os.path.join(run.folder, "log.jsonl"), "a") as f:
+    record, path = {"step": run.step, "split": split, **stats}, os.path.join(run.folder, "log.jsonl")
+    with runfolder.writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is None:
         return
@@ -314,6 +322,7 @@ def log_eval(run, stats, split, writer):
         usage = torch.tensor(stats["decision_distribution"]).mean(0)
         for name, share in zip(run.model.option_names, usage.tolist()):
             writer.add_scalar(f"{split}/option/{name}", share, run.step)
+    writer.flush()  # on disk before the checkpoint that covers it
 
 
 def train_step(run, loss_fn, x, y):
@@ -429,20 +438,18 @@ def run_stage(stage, args):
     if continuing:
         run.restore(ckpt)
         if run.step >= args.iters:
+            runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
             print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
             return 0
-    os.makedirs(run.folder, exist_ok=True)
-    with open(os.path.join(run.folder, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
-          f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run.folder)
-    try:
+    with runfolder.claim(run.folder, resume=args.resume if continuing else None, step=run.step,
+                         overwrite=args.overwrite) as folder:
+        folder.write_text("args.json", json.dumps(vars(args), indent=2))
+        where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+        print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
+              f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
+        # a resumed run's earlier events past its checkpoint are hidden (TensorBoard drops step >= purge_step)
+        writer = folder.summary_writer(purge_step=run.step + 1 if continuing else None)
         return train(run, stage.make_loss(args), eval_batches, "val" if args.val_size else "test", writer)
-    finally:
-        writer.close()
 
 
 def main(stage, argv=None):
@@ -450,9 +457,12 @@ def main(stage, argv=None):
     args = parse_args(stage, argv)
     try:
         return run_stage(stage, args)
-    except (UserError, CheckpointError, data.DatasetError) as e:
+    except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except runfolder.WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4

@@ -330,8 +330,9 @@ def train_step(run, loss_fn, x, y):
     logits, decisions = split_output(run.model(x))
     loss, cp = loss_fn(logits, decisions, y, run.model)
     if not torch.isfinite(loss):  # stop before the bad step touches the weights
-        raise TrainingError(f"non-finite loss at iteration {run.step + 1}; the last good checkpoint "
-                            f"in {run.folder} is kept (try a lower --lr)")
+        kept = runfolder.last_checkpoint(run.folder)
+        kept = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was saved yet"
+        raise TrainingError(f"non-finite loss at iteration {run.step + 1}; {kept} (try a lower --lr)")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()

@@ -401,6 +401,16 @@ def test_non_finite_loss_stops_with_status_3_and_keeps_the_checkpoint(stage, sta
     assert load(latest(save, stage))["step"] == 2
 
 
+def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, capsys):
+    """Diverging before the first evaluation: no checkpoint exists, and the message must not claim one."""
+    save = tmp_path / "save"
+    stage_def = dataclasses.replace(STAGES["base"], make_loss=nan_loss_at(1, save, {}))
+    rc, steps = train("base", save, ["--eval-every", "2"], iters=4, stage_def=stage_def)
+    assert rc == 3 and steps == []
+    line = one_line_error(capsys.readouterr().err, "non-finite loss at iteration 1", "no checkpoint")
+    assert "kept" not in line and not latest(save, "base").exists()
+
+
 # ----------------------------------------------------------------------------- 5. loading
 
 class Mkdir:

@@ -57,7 +57,7 @@ def budget_loss(args):
     return loss_fn
 
 
-def parse_args(stage, argv=None):
+def build_parser(stage):
     """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags."""
     p = argparse.ArgumentParser(description=f"DFS stage: {stage.name}")
     p.add_argument("cmd", choices=["train", "test"])
@@ -94,12 +94,51 @@ def parse_args(stage, argv=None):
         p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
         p.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding (departs from the paper)")
+    return p
+
+
+def parse_args(stage, argv=None):
+    """Parsed and validated arguments (argparse's usage error and exit status 2 otherwise)."""
+    p = build_parser(stage)
     args = p.parse_args(argv)
     try:
         validate_args(stage, args)
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def given_args(stage, argv=None):
+    """Names of the arguments set on the command line, as opposed to left at their defaults."""
+    p = build_parser(stage)
+    unset = object()  # argparse fills in a default only where the namespace lacks the attribute
+    namespace = argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset))
+    return {name for name, value in vars(p.parse_args(argv, namespace=namespace)).items() if value is not unset}
+
+
+# What defines a run: continuing it takes these from its checkpoint (an explicitly given value
+# that differs is refused). --iters, --eval-every, --print-freq, --device, --data-dir, --download,
+# --workers and --save-folder may change; options are checked against the model's own.
+RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": "--batch-size",
+                "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
+                "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
+                "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
+                "stochastic_act_rounding": "--stochastic-act-rounding"}
+
+
+def keep_run_settings(args, saved, given, where):
+    """Continue a run with its own settings: take each from `saved` (its args), refuse a different one."""
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    for name, flag in RUN_SETTINGS.items():
+        if name not in saved or not hasattr(args, name):
+            continue
+        if name in given and getattr(args, name) != saved[name]:
+            raise UserError(f"{flag} {show(getattr(args, name))} differs from the run {where} continues "
+                            f"({flag} {show(saved[name])}); leave it out to continue that run")
+        setattr(args, name, saved[name])
 
 
 def validate_args(stage, args):
@@ -410,13 +449,18 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     return 0
 
 
-def run_stage(stage, args):
-    """Everything after argument parsing; raises UserError-like exceptions for bad input."""
+def run_stage(stage, args, given=frozenset()):
+    """Everything after argument parsing; raises UserError-like exceptions for bad input.
+
+    `given`: the arguments set on the command line; a continued run takes the others from its checkpoint.
+    """
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if args.cmd == "train" and ckpt is not None and ckpt["stage"] == stage.name:
+        keep_run_settings(args, ckpt.get("args") or {}, given, args.resume)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    device = torch.device(args.device)
     seed_everything(args.seed)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
     model, continuing = build_from_checkpoint(stage, args, ckpt)
     model.to(device)
     if args.cmd == "test":
@@ -457,7 +501,7 @@ def main(stage, argv=None):
     """Command-line entry point of a stage script; returns the exit status."""
     args = parse_args(stage, argv)
     try:
-        return run_stage(stage, args)
+        return run_stage(stage, args, given_args(stage, argv))
     except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

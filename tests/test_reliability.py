@@ -58,13 +58,14 @@ def small_world():
 
 # ----------------------------------------------------------------------------- helpers
 
-def train(stage, save, extra=(), *, iters, hook=None, stage_def=None):
+def train(stage, save, extra=(), *, iters, hook=None, stage_def=None, settings=True):
     """engine.main for `stage` in-process; returns (exit status, [(iteration, loss, batch size)]).
 
-    hook(run, x) runs before each step and may return a replacement batch x.
+    hook(run, x) runs before each step and may return a replacement batch x. settings=False
+    leaves out --dataset synthetic --batch-size 16 (a resume takes them from the checkpoint).
     """
-    argv = ["train", ARCH[stage], "--dataset", "synthetic", "--batch-size", "16", "--device", "cpu",
-            "--data-dir", str(Path(save).parent / "data"), "--save-folder", str(save),
+    argv = ["train", ARCH[stage], *(["--dataset", "synthetic", "--batch-size", "16"] if settings else []),
+            "--device", "cpu", "--data-dir", str(Path(save).parent / "data"), "--save-folder", str(save),
             "--iters", str(iters), *map(str, extra)]
     steps, real_step = [], engine.train_step
 
@@ -928,4 +929,38 @@ def test_a_resume_logs_each_step_once(tmp_path):
     assert [r["step"] for r in log_records(save, "base")] == [2, 4, 6]
     assert event_steps(folder, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert event_steps(folder, "test/acc") == [2, 4, 6]
+
+
+RUN_SETTINGS = [  # (flag and the value given on resume, the run's value as the error shows it)
+    (["--dataset", "fashion-mnist"], "synthetic"), (["--val-size", "8"], "0"), (["--batch-size", "8"], "16"),
+    (["--seed", "1"], "0"), (["--stochastic-act-rounding"], "off"), (["--lr", "0.5"], "0.01"),
+    (["--beta", "0.001"], "1e-05"), (["--lr-steps", "1"], "32000 48000"),
+]
+
+
+@pytest.mark.parametrize("given,saved", RUN_SETTINGS, ids=[g[0] for g, _ in RUN_SETTINGS])
+def test_resume_refuses_a_setting_that_differs_from_the_run(given, saved, parents, tmp_path, capsys):
+    save = tmp_path / "save"
+    capsys.readouterr()
+    rc, steps = train("gate_init", save, ["--resume", parents["gate_init"], *given], iters=4, settings=False)
+    assert rc == 2 and steps == []
+    line = one_line_error(capsys.readouterr().err, parents["gate_init"], given[0], saved)
+    assert len(given) == 1 or given[1] in line
+    assert not save.exists()
+
+
+def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
+    save = tmp_path / "save"
+    first = ["--batch-size", "8", "--seed", "3", "--val-size", "16", "--lr", "0.05", "--momentum", "0.5",
+             "--lr-steps", "3", "--eval-every", "2"]
+    rc, steps = train("base", save, ["--dataset", "synthetic", *first], iters=2, settings=False)
+    assert rc == 0 and [n for _, _, n in steps] == [8, 8]
+    saved = load(latest(save, "base"))["args"]
+    # neither --dataset nor --batch-size, and the same --seed given explicitly: both are fine
+    rc, steps = train("base", save, ["--seed", "3", "--resume", latest(save, "base")], iters=4, settings=False)
+    assert rc == 0 and [(s, n) for s, _, n in steps] == [(3, 8), (4, 8)]
+    now = load(latest(save, "base"))["args"]
+    for name in ("dataset", "batch_size", "seed", "val_size", "lr", "momentum", "lr_steps"):
+        assert now[name] == saved[name], name
+    assert [r["split"] for r in log_records(save, "base")] == ["val", "val"]
 

@@ -18,6 +18,7 @@ import data
 from checkpoint import CheckpointError, load_checkpoint
 from engine import evaluate, format_report
 from models import build_model
+from runfolder import WriteError, writing
 
 
 def load_model(path, device):
@@ -123,6 +124,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
+    args.plot_dir = args.plot_dir or ("eval_plots" if len(args.checkpoints) > 1 else None)
+    prepare_outputs(p, args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
@@ -131,12 +134,29 @@ def main(argv=None):
         return 2
     if len(records) > 1:
         print("\n" + table(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records[0] if len(records) == 1 else records, f, indent=2)
-    if args.plot_dir or len(records) > 1:
-        plot(records, args.plot_dir or "eval_plots")
+    try:
+        if args.json:
+            with writing(args.json), open(args.json, "w") as f:
+                json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+        if args.plot_dir:
+            with writing(args.plot_dir):
+                plot(records, args.plot_dir)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     return 0
+
+
+def prepare_outputs(p, args):
+    """Create the folders of --json and --plot-dir now, not after a long evaluation (usage error if not)."""
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json {args.json} is a folder; give a file name, e.g. {os.path.join(args.json, 'results.json')}")
+    for flag, folder in (("--json", os.path.dirname(args.json or "")), ("--plot-dir", args.plot_dir)):
+        try:
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            p.error(f"{flag}: cannot create the folder {folder}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

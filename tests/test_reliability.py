@@ -964,3 +964,26 @@ def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
         assert now[name] == saved[name], name
     assert [r["split"] for r in log_records(save, "base")] == ["val", "val"]
 
+
+def test_eval_creates_the_folders_of_its_outputs(parents, tmp_path):
+    out, plots = tmp_path / "new" / "deeper" / "r.json", tmp_path / "plots" / "here"
+    assert eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                          "--json", str(out), "--plot-dir", str(plots)]) == 0
+    assert json.loads(out.read_text())["checkpoint"] == str(parents["gate_init"])
+    assert (plots / "accuracy_vs_computation.png").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot-dir"])
+def test_eval_refuses_an_output_it_cannot_write_before_evaluating(flag, parents, tmp_path, monkeypatch, capsys):
+    folder, file = tmp_path / "a folder", tmp_path / "a file"
+    folder.mkdir()
+    file.write_text("x")
+    evaluated = []
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a: evaluated.append(a))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                       flag, str(folder if flag == "--json" else file)])
+    assert exc.value.code == 2 and evaluated == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and flag in err.strip().splitlines()[-1]

@@ -18,7 +18,6 @@ import data
 from checkpoint import CheckpointError, load_checkpoint
 from engine import evaluate, format_report
 from models import build_model
-from runfolder import WriteError, writing
 
 
 def load_model(path, device):
@@ -134,27 +133,21 @@ def main(argv=None):
         return 2
     if len(records) > 1:
         print("\n" + table(records))
-    try:
-        if args.json:
-            with writing(args.json), open(args.json, "w") as f:
-                json.dump(records[0] if len(records) == 1 else records, f, indent=2)
-        if args.plot_dir:
-            with writing(args.plot_dir):
-                plot(records, args.plot_dir)
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+    if args.plot_dir:
+        plot(records, args.plot_dir)
     return 0
 
 
 def prepare_outputs(p, args):
-    """Create the folders of --json and --plot-dir now, not after a long evaluation (usage error if not)."""
+    """Create the folders of --json and --plot-dir before a long evaluation; usage error if they cannot be."""
     if args.json and os.path.isdir(args.json):
-        p.error(f"--json {args.json} is a folder; give a file name, e.g. {os.path.join(args.json, 'results.json')}")
+        p.error(f"--json {args.json} is a folder, not a file name")
     for flag, folder in (("--json", os.path.dirname(args.json or "")), ("--plot-dir", args.plot_dir)):
         try:
-            if folder:
-                os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder or ".", exist_ok=True)
         except OSError as e:
             p.error(f"{flag}: cannot create the folder {folder}: {e.strerror or e}")
 

@@ -4,6 +4,7 @@ Keys: model, optimizer, step, best_acc, stage, arch, num_classes, options, args,
 rng, format. Names follow the authors: SAVE_FOLDER/ARCH/checkpoint_latest.pth.tar and
 model_best.pth.tar.
 """
+import io
 import os
 import tempfile
 import warnings
@@ -19,16 +20,24 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a torn file.
+
+    A failed write (no space, I/O error) raises the OSError and leaves neither a temporary file nor
+    a changed `path`.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    # Serialise in memory first: torch.save writing to a file turns the OS's error (ENOSPC...)
+    # into an opaque RuntimeError ("unexpected pos"); a plain write keeps it an OSError.
+    buffer = io.BytesIO()
+    torch.save(dict(ckpt, format=FORMAT), buffer)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints travel between people
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(ckpt, format=FORMAT), f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

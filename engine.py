@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import runfolder
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models import build_model, is_gated, parse_options, resolve_name
 from models.cost import cost_penalty
@@ -56,7 +57,7 @@ def budget_loss(args):
     return loss_fn
 
 
-def parse_args(stage, argv=None):
+def build_parser(stage):
     """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags."""
     p = argparse.ArgumentParser(description=f"DFS stage: {stage.name}")
     p.add_argument("cmd", choices=["train", "test"])
@@ -76,6 +77,8 @@ def parse_args(stage, argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--resume", default="", help="checkpoint of this stage (continue) or of the previous one (start)")
     p.add_argument("--save-folder", default="save_checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--print-freq", "--log-interval", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,12 +94,51 @@ def parse_args(stage, argv=None):
         p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
         p.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding (departs from the paper)")
+    return p
+
+
+def parse_args(stage, argv=None):
+    """Parsed and validated arguments (argparse's usage error and exit status 2 otherwise)."""
+    p = build_parser(stage)
     args = p.parse_args(argv)
     try:
         validate_args(stage, args)
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def given_args(stage, argv=None):
+    """Names of the arguments set on the command line, as opposed to left at their defaults."""
+    p = build_parser(stage)
+    unset = object()  # argparse fills in a default only where the namespace lacks the attribute
+    namespace = argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset))
+    return {name for name, value in vars(p.parse_args(argv, namespace=namespace)).items() if value is not unset}
+
+
+# What defines a run: continuing it takes these from its checkpoint (an explicitly given value
+# that differs is refused). --iters, --eval-every, --print-freq, --device, --data-dir, --download,
+# --workers and --save-folder may change; options are checked against the model's own.
+RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": "--batch-size",
+                "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
+                "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
+                "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
+                "stochastic_act_rounding": "--stochastic-act-rounding"}
+
+
+def keep_run_settings(args, saved, given, where):
+    """Continue a run with its own settings: take each from `saved` (its args), refuse a different one."""
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    for name, flag in RUN_SETTINGS.items():
+        if name not in saved or not hasattr(args, name):
+            continue
+        if name in given and getattr(args, name) != saved[name]:
+            raise UserError(f"{flag} {show(getattr(args, name))} differs from the run {where} continues "
+                            f"({flag} {show(saved[name])}); leave it out to continue that run")
+        setattr(args, name, saved[name])
 
 
 def validate_args(stage, args):
@@ -293,17 +335,22 @@ class Run:
         set_rng_state(ckpt["rng"])
 
     def save(self, best=False):
-        """Write checkpoint_latest (and model_best when `best`)."""
+        """Write model_best when `best`, then checkpoint_latest; WriteError names a file that failed.
+
+        model_best goes first: should checkpoint_latest then fail, a resume from the previous one
+        evaluates here again and writes the same model_best, so the two never disagree.
+        """
         ckpt = self.checkpoint()
-        save_checkpoint(ckpt, os.path.join(self.folder, "checkpoint_latest.pth.tar"))
-        if best:
-            save_checkpoint(ckpt, os.path.join(self.folder, "model_best.pth.tar"))
+        for name in (["model_best.pth.tar"] if best else []) + ["checkpoint_latest.pth.tar"]:
+            path = os.path.join(self.folder, name)
+            with runfolder.writing(path):
+                save_checkpoint(ckpt, path)
 
 
 def log_eval(run, stats, split, writer):
     """Evaluation record: TensorBoard scalars and one JSON line in log.jsonl."""
-    record = {"step": run.step, "split": split, **stats}
-    with open(os.path.join(run.folder, "log.jsonl"), "a") as f:
+    record, path = {"step": run.step, "split": split, **stats}, os.path.join(run.folder, "log.jsonl")
+    with runfolder.writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is None:
         return
@@ -314,6 +361,7 @@ def log_eval(run, stats, split, writer):
         usage = torch.tensor(stats["decision_distribution"]).mean(0)
         for name, share in zip(run.model.option_names, usage.tolist()):
             writer.add_scalar(f"{split}/option/{name}", share, run.step)
+    writer.flush()  # on disk before the checkpoint that covers it
 
 
 def train_step(run, loss_fn, x, y):
@@ -321,8 +369,9 @@ def train_step(run, loss_fn, x, y):
     logits, decisions = split_output(run.model(x))
     loss, cp = loss_fn(logits, decisions, y, run.model)
     if not torch.isfinite(loss):  # stop before the bad step touches the weights
-        raise TrainingError(f"non-finite loss at iteration {run.step + 1}; the last good checkpoint "
-                            f"in {run.folder} is kept (try a lower --lr)")
+        kept = runfolder.last_checkpoint(run.folder)
+        kept = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was saved yet"
+        raise TrainingError(f"non-finite loss at iteration {run.step + 1}; {kept} (try a lower --lr)")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -400,13 +449,18 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     return 0
 
 
-def run_stage(stage, args):
-    """Everything after argument parsing; raises UserError-like exceptions for bad input."""
+def run_stage(stage, args, given=frozenset()):
+    """Everything after argument parsing; raises UserError-like exceptions for bad input.
+
+    `given`: the arguments set on the command line; a continued run takes the others from its checkpoint.
+    """
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if args.cmd == "train" and ckpt is not None and ckpt["stage"] == stage.name:
+        keep_run_settings(args, ckpt.get("args") or {}, given, args.resume)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    device = torch.device(args.device)
     seed_everything(args.seed)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
     model, continuing = build_from_checkpoint(stage, args, ckpt)
     model.to(device)
     if args.cmd == "test":
@@ -429,30 +483,31 @@ def run_stage(stage, args):
     if continuing:
         run.restore(ckpt)
         if run.step >= args.iters:
+            runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
             print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
             return 0
-    os.makedirs(run.folder, exist_ok=True)
-    with open(os.path.join(run.folder, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
-          f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run.folder)
-    try:
+    with runfolder.claim(run.folder, resume=args.resume if continuing else None, step=run.step,
+                         overwrite=args.overwrite) as folder:
+        folder.write_text("args.json", json.dumps(vars(args), indent=2))
+        where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+        print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
+              f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
+        # a resumed run's earlier events past its checkpoint are hidden (TensorBoard drops step >= purge_step)
+        writer = folder.summary_writer(purge_step=run.step + 1 if continuing else None)
         return train(run, stage.make_loss(args), eval_batches, "val" if args.val_size else "test", writer)
-    finally:
-        writer.close()
 
 
 def main(stage, argv=None):
     """Command-line entry point of a stage script; returns the exit status."""
     args = parse_args(stage, argv)
     try:
-        return run_stage(stage, args)
-    except (UserError, CheckpointError, data.DatasetError) as e:
+        return run_stage(stage, args, given_args(stage, argv))
+    except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except runfolder.WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4

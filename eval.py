@@ -123,6 +123,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
+    args.plot_dir = args.plot_dir or ("eval_plots" if len(args.checkpoints) > 1 else None)
+    prepare_outputs(p, args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
@@ -134,9 +136,20 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records[0] if len(records) == 1 else records, f, indent=2)
-    if args.plot_dir or len(records) > 1:
-        plot(records, args.plot_dir or "eval_plots")
+    if args.plot_dir:
+        plot(records, args.plot_dir)
     return 0
+
+
+def prepare_outputs(p, args):
+    """Create the folders of --json and --plot-dir before a long evaluation; usage error if they cannot be."""
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json {args.json} is a folder, not a file name")
+    for flag, folder in (("--json", os.path.dirname(args.json or "")), ("--plot-dir", args.plot_dir)):
+        try:
+            os.makedirs(folder or ".", exist_ok=True)
+        except OSError as e:
+            p.error(f"{flag}: cannot create the folder {folder}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # stages (DFS-ResNet-20, options skip/8/16/full) for two targets, and evaluate them.
 # About 15 minutes on 2 CPU cores. Results: demo/eval/{results.json,*.png}; the table is printed.
 # Settings can be overridden: DEPTH, TARGETS, SAVE, DATA_DIR, DEVICE, and the *_ITERS below.
+# Run again (after a crash or Ctrl-C, say), it continues each unfinished stage and skips the finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -20,15 +20,27 @@ def run(cmd, cwd=ROOT, env=None, check=True):
     return result
 
 
+def snapshot(folder):
+    """Bytes and modification time of every file under `folder`."""
+    return {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns)
+            for p in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)) if os.path.isfile(p)}
+
+
 def test_pipeline_script(tmp_path):
-    """scripts/pipeline.sh runs the three stages and the evaluation, leaving logs, checkpoints and plots."""
+    """scripts/pipeline.sh runs the three stages and the evaluation, leaving logs, checkpoints and plots;
+    run again, it continues an unfinished stage and redoes nothing."""
     save = tmp_path / "save"
     env = {"DATASET": "synthetic", "DEPTH": "20", "TARGETS": "60 30", "SAVE": str(save), "PYTHON": sys.executable,
            "BASE_ARGS": "--iters 4 --eval-every 2 --batch-size 16",
            "GATE_ARGS": "--iters 2 --batch-size 16 --options skip,8,full",
            "DFS_ARGS": "--iters 2 --batch-size 16 --beta 1e-3",
            "EVAL_ARGS": "--batch-size 64"}
+    # a stage-1 run that stopped at iteration 2 (here: the same command with --iters 2)
+    run(["bash", "scripts/train_base.sh", *env["BASE_ARGS"].split(), "--iters", "2"], env=env)
     out = run(["bash", "scripts/pipeline.sh"], env=env).stdout
+    assert "iterations 2..4" in out  # the pipeline continued it
+    backbone = save / "backbone" / "resnet20"
+    assert [json.loads(line)["step"] for line in (backbone / "log.jsonl").read_text().splitlines()] == [2, 4]
     for stage, arch in [("backbone", "resnet20"), ("full_execution", "dfs_resnet20"),
                         ("DFS_cp60", "dfs_resnet20"), ("DFS_cp30", "dfs_resnet20")]:
         folder = save / stage / arch
@@ -48,6 +60,11 @@ def test_pipeline_script(tmp_path):
     assert "| computation % | top-1 % |" in out
     for png in ("accuracy_vs_computation.png", "decision_distribution.png"):
         assert (save / "eval" / png).stat().st_size > 1000
+    # the same command again: every stage is finished, so nothing is trained or rewritten
+    runs = {p: v for p, v in snapshot(save).items() if os.sep + "eval" + os.sep not in p}
+    again = run(["bash", "scripts/pipeline.sh"], env=env)
+    assert again.stdout.count("nothing to do") == 4 and "iter " not in again.stdout, again.stdout
+    assert {p: v for p, v in snapshot(save).items() if os.sep + "eval" + os.sep not in p} == runs
 
 
 @pytest.mark.slow

@@ -7,13 +7,17 @@ thread. Stages run in-process through `engine.main`; real subprocesses only wher
 is the point (signals, exit status, what reaches stderr).
 """
 import argparse
+import builtins
 import dataclasses
+import errno
 import importlib
+import io
 import json
 import math
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,13 +58,14 @@ def small_world():
 
 # ----------------------------------------------------------------------------- helpers
 
-def train(stage, save, extra=(), *, iters, hook=None, stage_def=None):
+def train(stage, save, extra=(), *, iters, hook=None, stage_def=None, settings=True):
     """engine.main for `stage` in-process; returns (exit status, [(iteration, loss, batch size)]).
 
-    hook(run, x) runs before each step and may return a replacement batch x.
+    hook(run, x) runs before each step and may return a replacement batch x. settings=False
+    leaves out --dataset synthetic --batch-size 16 (a resume takes them from the checkpoint).
     """
-    argv = ["train", ARCH[stage], "--dataset", "synthetic", "--batch-size", "16", "--device", "cpu",
-            "--data-dir", str(Path(save).parent / "data"), "--save-folder", str(save),
+    argv = ["train", ARCH[stage], *(["--dataset", "synthetic", "--batch-size", "16"] if settings else []),
+            "--device", "cpu", "--data-dir", str(Path(save).parent / "data"), "--save-folder", str(save),
             "--iters", str(iters), *map(str, extra)]
     steps, real_step = [], engine.train_step
 
@@ -236,7 +241,7 @@ def test_a_crash_while_training_saves_keeps_the_last_checkpoint(tmp_path, monkey
     with pytest.raises(SimulatedCrash):
         train("base", save, ["--eval-every", "2"], iters=4)
     folder = save / ARCH["base"]
-    assert not [p for p in os.listdir(folder) if p.endswith(".pth.tar") and p.startswith(".tmp")]
+    assert not [p for p in os.listdir(folder) if p.startswith(".tmp")]
     assert load(latest(save, "base"))["step"] == 2 and load(best(save, "base"))["step"] == 2
 
 
@@ -395,6 +400,16 @@ def test_non_finite_loss_stops_with_status_3_and_keeps_the_checkpoint(stage, sta
     one_line_error(capsys.readouterr().err, "non-finite loss at iteration 3", save / ARCH[stage])
     assert latest(save, stage) in seen and snapshot(save) == seen  # nothing written since
     assert load(latest(save, stage))["step"] == 2
+
+
+def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, capsys):
+    """Diverging before the first evaluation: no checkpoint exists, and the message must not claim one."""
+    save = tmp_path / "save"
+    stage_def = dataclasses.replace(STAGES["base"], make_loss=nan_loss_at(1, save, {}))
+    rc, steps = train("base", save, ["--eval-every", "2"], iters=4, stage_def=stage_def)
+    assert rc == 3 and steps == []
+    line = one_line_error(capsys.readouterr().err, "non-finite loss at iteration 1", "no checkpoint")
+    assert "kept" not in line and not latest(save, "base").exists()
 
 
 # ----------------------------------------------------------------------------- 5. loading
@@ -647,3 +662,328 @@ def test_evaluation_does_not_depend_on_the_batch_size(parents, tmp_path):
             assert stats[bs][key] == whole[key], (bs, key)
         for key in ("loss", "macs_per_image"):  # float32 sums of per-batch values
             assert stats[bs][key] == pytest.approx(whole[key], rel=1e-4), (bs, key)
+
+
+# ----------------------------------------------------------------------------- 8. run folders
+
+def run_folder(save, stage="base"):
+    return Path(save) / ARCH[stage]
+
+
+def temporary_files(folder):
+    return [p for p in os.listdir(folder) if p.startswith(".tmp")]
+
+
+def event_steps(folder, tag):
+    """Steps of a TensorBoard scalar as TensorBoard shows them (purged events dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("case", ["same stage", "another stage"])
+def test_a_second_run_in_a_folder_refuses_and_leaves_the_first_untouched(case, parents, tmp_path, capsys):
+    if case == "same stage":
+        stage, save, start_from = "base", tmp_path / "save", []
+        assert train(stage, save, ["--eval-every", "1"], iters=2)[0] == 0
+        held, there = stage, "stage base"
+    else:  # stage 3 into the folder of the stage-2 run it starts from (both save under dfs_resnet20/)
+        stage, save = "dfs", tmp_path / "gate"
+        shutil.copytree(parents["gate_init"].parent.parent, save)
+        start_from, held, there = ["--resume", parents["gate_init"]], "gate_init", "stage gate_init"
+    ckpt = load(latest(save, held))
+    before = snapshot(save)
+    capsys.readouterr()
+    rc, steps = train(stage, save, start_from + ["--lr", "0.05"], iters=2)  # another --lr, no --resume
+    assert rc == 2 and steps == []
+    line = one_line_error(capsys.readouterr().err, there, f"iteration {ckpt['step']} of 2",
+                          f"{ckpt['best_acc']:.2f}", f"--resume {latest(save, held)}", "--overwrite")
+    assert "already holds" in line
+    assert snapshot(save) == before  # bytes and times of every file
+
+
+def test_overwrite_starts_over_with_exactly_one_run(tmp_path):
+    save, folder = tmp_path / "save", run_folder(tmp_path / "save")
+    assert train("base", save, ["--eval-every", "1", "--print-freq", "1"], iters=2)[0] == 0
+    (folder / ".tmp-checkpoint_latest.pth.tar-left-by-a-killed-writer").write_bytes(b"PK")
+    rc, steps = train("base", save, ["--overwrite", "--lr", "0.05", "--eval-every", "3"], iters=3)
+    assert rc == 0 and [s for s, _, _ in steps] == [1, 2, 3]
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1 and not temporary_files(folder)
+    assert [r["step"] for r in log_records(save, "base")] == [3]
+    assert json.loads((folder / "args.json").read_text())["lr"] == 0.05
+    assert load(latest(save, "base"))["step"] == 3 and load(best(save, "base"))["step"] == 3
+    assert event_steps(folder, "test/acc") == [3]
+
+
+def test_overwrite_cannot_continue_the_run_it_would_delete(tmp_path, capsys):
+    save = tmp_path / "save"
+    assert train("base", save, [], iters=1)[0] == 0
+    before = snapshot(save)
+    capsys.readouterr()
+    rc, steps = train("base", save, ["--overwrite", "--resume", latest(save, "base")], iters=2)
+    assert rc == 2 and steps == []
+    one_line_error(capsys.readouterr().err, "--overwrite", "--resume")
+    assert snapshot(save) == before
+
+
+def test_a_second_process_on_a_live_run_folder_refuses_naming_it(tmp_path, monkeypatch, capsys):
+    """A real training process holds its folder; any second run there refuses, until the holder dies."""
+    save, folder = tmp_path / "save", run_folder(tmp_path / "save")
+    options = ["--eval-every", "1", "--print-freq", "1"]
+    cmd = [sys.executable, str(ROOT / "train_base.py"), "train", "resnet20", "--dataset", "synthetic",
+           "--batch-size", "16", "--iters", "1000", "--device", "cpu", "--save-folder", str(save),
+           "--data-dir", str(tmp_path / "data"), *options]
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=SUBPROCESS_ENV, cwd=tmp_path)
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", (512, 256))  # the process's dataset
+    try:
+        read_until(holder, "eval iter 1:", timeout=300)  # minutes only on a crowded machine
+        holder.send_signal(signal.SIGSTOP)  # frozen, it still holds the folder (and leaves the CPU to us)
+        k = load(latest(save, "base"))["step"]
+        for extra, iters in [([], 3), (["--overwrite"], 3), (["--resume", latest(save, "base")], k + 2),
+                             (["--resume", latest(save, "base")], 1)]:  # the last: a finished run
+            capsys.readouterr()
+            rc, steps = train("base", save, options + extra, iters=iters)
+            assert rc == 2 and steps == [], extra
+            one_line_error(capsys.readouterr().err, folder, f"process {holder.pid}")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own; the OS drops its lock
+        holder.wait()
+    k = load(latest(save, "base"))["step"]
+    rc, steps = train("base", save, options + ["--resume", latest(save, "base")], iters=k + 1)
+    assert rc == 0 and [s for s, _, _ in steps] == [k + 1] and not temporary_files(folder)
+
+
+def fail_if_under(root, error):
+    """os.mkdir that fails with `error` below `root`, as on a read-only or full filesystem."""
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(os.path.abspath(path)).is_relative_to(root):
+            raise OSError(error, os.strerror(error), str(path))
+        return real(path, *args, **kwargs)
+    return mkdir
+
+
+@pytest.mark.parametrize("case", ["a file in the way", "a file above it", "a read-only parent"])
+def test_an_unusable_save_folder_is_one_line_and_status_2_before_training(case, tmp_path, monkeypatch, capsys):
+    save = tmp_path / "save"
+    if case == "a file in the way":
+        save.write_text("not a folder")
+        words = [save, "Not a directory"]
+    elif case == "a file above it":
+        (tmp_path / "file").write_text("not a folder")
+        save = tmp_path / "file" / "save"
+        words = [save, "Not a directory"]
+    else:  # as root chmod does not stop writes; the real read-only mount is in the test below
+        (tmp_path / "ro").mkdir()
+        save = tmp_path / "ro" / "save"
+        monkeypatch.setattr(os, "mkdir", fail_if_under(tmp_path / "ro", errno.EROFS))
+        words = [save, "Read-only file system"]
+    capsys.readouterr()
+    rc, steps = train("base", save, [], iters=2)
+    assert rc == 2 and steps == []
+    one_line_error(capsys.readouterr().err, *words)
+    assert not (tmp_path / "ro" / "save").exists()
+
+
+class FullDisk:
+    """Writes to files whose name contains `name` fail with ENOSPC while `full` (half the bytes land)."""
+
+    def __init__(self, monkeypatch, name):
+        self.name, self.full, self.failures = name, False, 0
+        real_open, real_fdopen = builtins.open, os.fdopen
+
+        def opened(f, path, mode):
+            path = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+            writing = any(c in mode for c in "wax+")
+            return FailingFile(f, self) if self.full and writing and name in os.path.basename(path) else f
+
+        def open_(file, mode="r", *args, **kwargs):
+            return opened(real_open(file, mode, *args, **kwargs), file, mode)
+
+        def fdopen(fd, mode="r", *args, **kwargs):
+            return opened(real_fdopen(fd, mode, *args, **kwargs), fd, mode)
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)  # TensorBoard's writer thread opens through io.open
+        monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+class FailingFile:
+    def __init__(self, f, disk):
+        self._f, self._disk = f, disk
+
+    def write(self, data):
+        self._f.write(data[:len(data) // 2])
+        self._f.flush()
+        self._disk.failures += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("name", ["checkpoint_latest", "model_best", "log.jsonl", "events.out.tfevents",
+                                  "args.json"])
+def test_a_write_failure_is_one_line_with_status_4_and_the_run_continues(name, tmp_path, monkeypatch, capsys):
+    """ENOSPC on each file a run writes: evaluations at 2, 4 (fails), then resume to 6."""
+    save, folder = tmp_path / "save", run_folder(tmp_path / "save")
+    scripted_evaluate(monkeypatch, [50.0 + i for i in range(6)])  # each better: model_best is written
+    disk = FullDisk(monkeypatch, name)
+    disk.full = name == "args.json"  # written before training; the others fail from iteration 3 on
+
+    def hook(run, x):
+        disk.full = disk.full or run.step + 1 >= 3
+    command = ["--eval-every", "2", "--print-freq", "1"]
+    capsys.readouterr()
+    rc, steps = train("base", save, command, iters=6, hook=hook)
+    err = capsys.readouterr().err
+    assert disk.failures >= 1 and rc == 4
+    line = one_line_error(err, folder, name, "No space left on device")
+    assert not temporary_files(folder)
+    if name == "args.json":
+        assert steps == [] and not latest(save, "base").exists() and "run the same command again" in line
+        resume = []
+    else:  # TensorBoard's writes are asynchronous: its failure may surface at iteration 3 or 4
+        assert [s for s, _, _ in steps][:3] == [1, 2, 3] and len(steps) <= 4
+        assert f"the same command plus --resume {latest(save, 'base')}" in line
+        # the previous checkpoint, intact; model_best is written first, so only a failed
+        # checkpoint_latest leaves the (complete) model_best of iteration 4 beside it
+        assert torch.load(latest(save, "base"), weights_only=True)["step"] == 2
+        assert torch.load(best(save, "base"), weights_only=True)["step"] == (4 if name == "checkpoint_latest" else 2)
+        resume = ["--resume", latest(save, "base")]
+    disk.full = False  # space freed: continue as the message says
+    capsys.readouterr()
+    rc, steps = train("base", save, command + resume, iters=6)
+    assert rc == 0 and capsys.readouterr().err == ""
+    assert [s for s, _, _ in steps] == ([3, 4, 5, 6] if resume else [1, 2, 3, 4, 5, 6])
+    assert [r["step"] for r in log_records(save, "base")] == [2, 4, 6]  # each evaluation once
+    assert event_steps(folder, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert event_steps(folder, "test/acc") == [2, 4, 6]
+
+
+TMPFS = """
+mount -t tmpfs -o size={size}k none "$FULL" && mount -t tmpfs -o ro,size=64k none "$READONLY" || exit 99
+"$PY" "$ROOT/train_base.py" "$@" --save-folder "$FULL/save" >"$OUT/full.out" 2>"$OUT/full.err"
+echo $? >"$OUT/full.rc"
+cp -a "$FULL/save" "$OUT/save"
+"$PY" "$ROOT/train_base.py" "$@" --save-folder "$READONLY/save" >"$OUT/ro.out" 2>"$OUT/ro.err"
+echo $? >"$OUT/ro.rc"
+"""
+
+
+def test_a_real_full_and_a_real_read_only_filesystem(tmp_path, monkeypatch, capsys):
+    """A tmpfs with room for two checkpoints (model_best and checkpoint_latest at iteration 2) fills up
+    at the next save; a read-only tmpfs refuses the run folder. Needs mount rights (root, or a user
+    namespace) and is skipped without them."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    full, readonly, out = tmp_path / "full", tmp_path / "readonly", tmp_path / "out"
+    for d in (full, readonly, out):
+        d.mkdir()
+    size = 5632  # KiB: a resnet20 checkpoint with momentum is ~2.2 MB; two fit, a third's temp file not
+    args = ["train", "resnet20", "--dataset", "synthetic", "--batch-size", "16", "--device", "cpu",
+            "--val-size", "448", "--iters", "6", "--eval-every", "2", "--data-dir", str(tmp_path / "data")]
+    env = dict(SUBPROCESS_ENV, FULL=str(full), READONLY=str(readonly), OUT=str(out), PY=sys.executable,
+               ROOT=str(ROOT))
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                        TMPFS.format(size=size), "sh", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0 or not (out / "full.rc").exists():
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
+    folder, mounted = out / "save" / "resnet20", full / "save" / "resnet20"
+    assert (out / "full.rc").read_text().strip() == "4", (out / "full.err").read_text()
+    line = one_line_error((out / "full.err").read_text(), mounted, "pth.tar", "No space left on device",
+                          f"--resume {mounted / 'checkpoint_latest.pth.tar'}")
+    assert "Traceback" not in line and not temporary_files(folder)
+    assert torch.load(folder / "checkpoint_latest.pth.tar", weights_only=True)["step"] == 2
+    assert (out / "ro.rc").read_text().strip() == "2"
+    one_line_error((out / "ro.err").read_text(), readonly / "save", "Read-only file system")
+    # space freed (here: the run copied out of the tmpfs), the printed --resume continues it
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", (512, 256))
+    rc, steps = train("base", out / "save", ["--val-size", "448", "--eval-every", "2", "--resume",
+                                             folder / "checkpoint_latest.pth.tar"], iters=6)
+    assert rc == 0 and [s for s, _, _ in steps] == [3, 4, 5, 6]
+    assert [r["step"] for r in log_records(out / "save", "base")] == [2, 4, 6]
+
+
+def test_a_resume_logs_each_step_once(tmp_path):
+    """A process that died after logging iteration 4 but before saving it: resumed at 2, the log and
+    TensorBoard show every iteration once."""
+    save, folder = tmp_path / "save", run_folder(tmp_path / "save")
+    command = ["--eval-every", "2", "--print-freq", "1"]
+    assert train("base", save, command, iters=2)[0] == 0
+    at_two = latest(save, "base").read_bytes()
+    assert train("base", save, command + ["--resume", latest(save, "base")], iters=4)[0] == 0
+    latest(save, "base").write_bytes(at_two)  # the save at iteration 4 never happened
+    rc, steps = train("base", save, command + ["--resume", latest(save, "base")], iters=6)
+    assert rc == 0 and [s for s, _, _ in steps] == [3, 4, 5, 6]
+    assert [r["step"] for r in log_records(save, "base")] == [2, 4, 6]
+    assert event_steps(folder, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert event_steps(folder, "test/acc") == [2, 4, 6]
+
+
+RUN_SETTINGS = [  # (flag and the value given on resume, the run's value as the error shows it)
+    (["--dataset", "fashion-mnist"], "synthetic"), (["--val-size", "8"], "0"), (["--batch-size", "8"], "16"),
+    (["--seed", "1"], "0"), (["--stochastic-act-rounding"], "off"), (["--lr", "0.5"], "0.01"),
+    (["--beta", "0.001"], "1e-05"), (["--lr-steps", "1"], "32000 48000"),
+]
+
+
+@pytest.mark.parametrize("given,saved", RUN_SETTINGS, ids=[g[0] for g, _ in RUN_SETTINGS])
+def test_resume_refuses_a_setting_that_differs_from_the_run(given, saved, parents, tmp_path, capsys):
+    save = tmp_path / "save"
+    capsys.readouterr()
+    rc, steps = train("gate_init", save, ["--resume", parents["gate_init"], *given], iters=4, settings=False)
+    assert rc == 2 and steps == []
+    line = one_line_error(capsys.readouterr().err, parents["gate_init"], given[0], saved)
+    assert len(given) == 1 or given[1] in line
+    assert not save.exists()
+
+
+def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
+    save = tmp_path / "save"
+    first = ["--batch-size", "8", "--seed", "3", "--val-size", "16", "--lr", "0.05", "--momentum", "0.5",
+             "--lr-steps", "3", "--eval-every", "2"]
+    rc, steps = train("base", save, ["--dataset", "synthetic", *first], iters=2, settings=False)
+    assert rc == 0 and [n for _, _, n in steps] == [8, 8]
+    saved = load(latest(save, "base"))["args"]
+    # neither --dataset nor --batch-size, and the same --seed given explicitly: both are fine
+    rc, steps = train("base", save, ["--seed", "3", "--resume", latest(save, "base")], iters=4, settings=False)
+    assert rc == 0 and [(s, n) for s, _, n in steps] == [(3, 8), (4, 8)]
+    now = load(latest(save, "base"))["args"]
+    for name in ("dataset", "batch_size", "seed", "val_size", "lr", "momentum", "lr_steps"):
+        assert now[name] == saved[name], name
+    assert [r["split"] for r in log_records(save, "base")] == ["val", "val"]
+
+
+def test_eval_creates_the_folders_of_its_outputs(parents, tmp_path):
+    out, plots = tmp_path / "new" / "deeper" / "r.json", tmp_path / "plots" / "here"
+    assert eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                          "--json", str(out), "--plot-dir", str(plots)]) == 0
+    assert json.loads(out.read_text())["checkpoint"] == str(parents["gate_init"])
+    assert (plots / "accuracy_vs_computation.png").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot-dir"])
+def test_eval_refuses_an_output_it_cannot_write_before_evaluating(flag, parents, tmp_path, monkeypatch, capsys):
+    folder, file = tmp_path / "a folder", tmp_path / "a file"
+    folder.mkdir()
+    file.write_text("x")
+    evaluated = []
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a: evaluated.append(a))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                       flag, str(folder if flag == "--json" else file)])
+    assert exc.value.code == 2 and evaluated == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and flag in err.strip().splitlines()[-1]

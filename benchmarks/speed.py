@@ -1,6 +1,6 @@
 """Speed of DFS training and inference against the plain ResNet, measured in one process.
 
-    python benchmarks/speed.py [--depths 38 74] [--batch-size 128] [--repeats 3] [--json out.json]
+    python benchmarks/speed.py [--depths 38 74] [--batch-size 128] [--repeats 5] [--json out.json]
 
 For each depth: plain train step and eval; DFS train step, sparse (default) and dense (`mixed`,
 every option in the autograd graph), with every sample of every block on one option (8 bits)
@@ -78,21 +78,28 @@ class Bench:
     def add(self, name, fn, train=False):
         self.jobs[name] = (fn, train)
 
-    def once(self, fn):
+    def once(self, fn, calls=1):
+        """Milliseconds per call of `calls` back-to-back calls."""
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end) / calls
         t = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t)
-
-    def run(self, repeats):
-        for name, (fn, train) in self.jobs.items():  # warm-up round, and memory
+        for _ in range(calls):
             fn()
+        return 1000 * (time.perf_counter() - t) / calls
+
+    def run(self, repeats, round_ms=500):
+        """Warm-up round (and memory), then `repeats` rounds; a short job repeats within a round
+        until it lasts about `round_ms`, so every figure averages over comparable time."""
+        calls = {}
+        for name, (fn, train) in self.jobs.items():
+            calls[name] = max(1, round(round_ms / self.once(fn)))
             if train:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -104,7 +111,7 @@ class Bench:
                     self.memory[name] = saved_bytes(fn)
         for _ in range(repeats):
             for name, (fn, _) in self.jobs.items():
-                self.times.setdefault(name, []).append(self.once(fn))
+                self.times.setdefault(name, []).append(self.once(fn, calls[name]))
         return {name: statistics.median(t) for name, t in self.times.items()}
 
 
@@ -171,7 +178,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depths", type=int, nargs="+", default=[38, 74])
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the figures and settings here")

@@ -9,7 +9,8 @@ checkpoint_latest, so running the command again after an interruption only does 
 `model_best` is chosen on 5,000 held-out training images (--val-size), never on the test set.
 
 For each run it writes a weights-only release checkpoint (OUT/checkpoints/NAME.pth, about 1 MB),
-evaluates that file with eval.py, and collects the records in OUT/results.json, with the plots
+evaluates that file with eval.py, and collects the records in OUT/results.json (and the table in
+OUT/results.md), with the plots
 OUT/accuracy_vs_computation.png and OUT/decision_distribution.png. Once every run is finished,
 running it again only redoes the release, the evaluation and the plots.
 """
@@ -118,12 +119,26 @@ def release_and_evaluate(done, wall, out):
                         "train_wall_seconds": round(wall.get(os.path.basename(os.path.dirname(run)), 0.0))})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(records, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown_table(records) + "\n")
     plot_methods(records, os.path.join(out, "accuracy_vs_computation.png"))
     dfs = sorted((r for r in records if r["method"].startswith("dfs") and r["seed"] == SEED),
                  key=lambda r: (r["method"], r["target"]))
     evaluation.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %") for r in dfs],
                               os.path.join(out, "decision_distribution.png"))
     return records
+
+
+def markdown_table(records):
+    """The README's results table, from the records."""
+    rows = ["| method | options | seed | target % | computation % | whole-network BitOPs % | top-1 % | checkpoint |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        target = "-" if r["target"] is None else r["target"]
+        rows.append(f"| {r['method']} | {', '.join(r['options'])} | {r['seed']} | {target} | "
+                    f"{r['computation_percentage']:.2f} | {r['bitops_percentage']:.2f} | {r['accuracy']:.2f} | "
+                    f"[{os.path.basename(r['checkpoint'])}]({os.path.relpath(r['checkpoint'], 'results/fashion-mnist')}) |")
+    return "\n".join(rows)
 
 
 def plot_methods(records, path):

@@ -124,7 +124,8 @@ def release_and_evaluate(done, wall, out):
     plot_methods(records, os.path.join(out, "accuracy_vs_computation.png"))
     dfs = sorted((r for r in records if r["method"].startswith("dfs") and r["seed"] == SEED),
                  key=lambda r: (r["method"], r["target"]))
-    evaluation.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %") for r in dfs],
+    evaluation.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %", option_names=r["options"])
+                               for r in dfs],
                               os.path.join(out, "decision_distribution.png"))
     return records
 

@@ -1,0 +1,65 @@
+"""The released Fashion-MNIST checkpoints are what results.json says they are.
+
+Every record points to a weights-only checkpoint in the repository that loads with
+weights_only=True, has the record's architecture and options, and carries no optimizer, data or
+random state. Where Fashion-MNIST is on the machine (Debian's dataset-fashion-mnist, or data/),
+re-evaluating released checkpoints with eval.py gives their records exactly.
+"""
+import json
+import os
+
+import pytest
+
+import data
+import eval as evaluation
+from checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results", "fashion-mnist", "results.json")
+FIELDS = {"name", "method", "options", "target", "seed", "iterations", "computation_percentage",
+          "bitops_percentage", "accuracy", "num_test_images", "checkpoint", "decision_distribution"}
+
+
+def records():
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
+def fashion_mnist_here():
+    try:
+        data.load_arrays("fashion-mnist", os.path.join(ROOT, "data"))
+        return True
+    except data.DatasetError:
+        return False
+
+
+def test_every_record_points_to_a_small_weights_only_checkpoint():
+    rs = records()
+    assert {r["method"] for r in rs} >= {"backbone", "dfs", "skipnet", "static-8", "static-16"}
+    for r in rs:
+        assert FIELDS <= set(r), r["name"]
+        path = os.path.join(ROOT, r["checkpoint"])
+        assert os.path.getsize(path) < 2_000_000, path
+        ckpt = load_checkpoint(path)  # weights_only=True
+        assert not {"optimizer", "rng", "data_state"} & set(ckpt), path
+        assert ckpt["args"]["dataset"] == "fashion-mnist"
+        gated = r["method"] != "backbone"
+        assert ckpt["arch"] == ("dfs_resnet20" if gated else "resnet20")
+        if gated:
+            assert [o if isinstance(o, str) else f"{o}-bit" for o in ckpt["options"]] == r["options"]
+            assert ckpt["stage"] == "dfs" and ckpt["step"] == r["iterations"]["dfs"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
+@pytest.mark.parametrize("name", ["dfs_cp20_s0", "skipnet_cp20_s0"])
+def test_a_released_checkpoint_reproduces_its_record(name, tmp_path):
+    record = next(r for r in records() if r["name"] == name)
+    out = tmp_path / "r.json"
+    assert evaluation.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu",
+                            "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["accuracy"] == record["accuracy"]
+    assert got["computation_percentage"] == record["computation_percentage"]
+    assert got["bitops_percentage"] == record["bitops_percentage"]
+    assert got["decision_distribution"] == record["decision_distribution"]

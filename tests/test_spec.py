@@ -669,12 +669,15 @@ def test_stage2_trains_the_gate_only(stage1_checkpoint, tmp_path, monkeypatch):
 
 
 def test_stage3_trains_everything(stage1_checkpoint, tmp_path, monkeypatch):
-    """§6 stage 3: the optimizer holds every parameter, backbone and gate."""
+    """§6 stage 3: starts from the stage-2 weights and buffers; the optimizer holds every parameter."""
     _, stage2 = run_stage("gate_init", tmp_path / "s2", ["--resume", stage1_checkpoint, "--iters", "1",
                                                          "--options", "skip,8,full"], monkeypatch)
     monkeypatch.undo()
     stage2_path = tmp_path / "s2" / "dfs_resnet20" / "checkpoint_latest.pth.tar"
     rec, ckpt = run_stage("dfs", tmp_path / "s3", ["--resume", stage2_path, "--iters", "1"], monkeypatch)
+    assert rec.initial.keys() == stage2["model"].keys()
+    for name, value in stage2["model"].items():
+        assert torch.equal(rec.initial[name], value), name
     (optimizer, kwargs), = rec.optimizers
     model = rec.models[-1]
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -398,19 +398,20 @@ def test_budget_penalty_alone_drives_the_real_gate(paper_model):
         return p, hard, state
     m.gate.forward = recording_forward
     x, y = images(4), torch.tensor([0, 1, 2, 3], device=DEVICE)
-    logits, d = m(x)
-    beta = 0.5
+    beta, signs = 0.5, set()
     for target in (0.5, 100.0):  # one computation percentage, above the first and at/below the second
         probs.clear()
         m.zero_grad(set_to_none=True)
         logits, d = m(x)
         loss, cp = budget(target, beta)(logits, d, y, m)
         sign = 1.0 if cp.item() > target else -1.0
+        signs.add(sign)
         (loss - F.cross_entropy(logits, y)).backward()
         assert len(probs) == 8 and probs[-1].grad is not None
         torch.testing.assert_close(probs[-1].grad, (beta * sign * m.option_costs).expand(4, 4),
                                    rtol=1e-5, atol=1e-7)
         assert m.gate.proj.bias.grad is not None and m.gate.proj.bias.grad.abs().sum() > 0
+    assert signs == {1.0, -1.0}
 
 
 # =========================================================================== §6 defaults and schedule

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Stage 1: train the plain ResNet backbone (64k iterations, lr 0.1, steps at 32k/48k).
-# Usage: [DATASET=cifar10] [DEPTH=38] [SAVE=save_checkpoints] [CUDA_VISIBLE_DEVICES=0] scripts/train_base.sh [extra args]
+# Usage: [DATASET=cifar10] [DEPTH=38] [SAVE=save_checkpoints] [CUDA_VISIBLE_DEVICES=0[,1...]] [NPROC=N] scripts/train_base.sh [extra args]
 # Writes $SAVE/backbone/resnet$DEPTH/{checkpoint_latest,model_best}.pth.tar
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}" "${PYTHON:=python3}"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
-exec "$PYTHON" train_base.py train "resnet$DEPTH" --dataset "$DATASET" \
+source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
+launch train_base.py train "resnet$DEPTH" --dataset "$DATASET" \
     --save-folder "$SAVE/backbone" "$@"

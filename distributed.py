@@ -6,6 +6,7 @@ describes in its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_
 CUDA, gloo otherwise. How the work is split and why the numbers are those of the authors'
 DataParallel runs is in README.md, "Several GPUs and machines".
 """
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,21 @@ def shutdown():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session():
+    """Leave at the end a process group that `init` joined inside; keep one that a caller set up.
+
+    (A test runs several stages in the same processes: joining the group again after leaving it
+    can read the previous group's addresses from torchrun's store.)
+    """
+    outer = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not outer:
+            shutdown()
+
+
 def wrap(model, find_unused_parameters):
     """`model` in DistributedDataParallel with several processes, else `model` itself.
 
@@ -75,9 +91,14 @@ def wrap(model, find_unused_parameters):
 
 
 def sync_batch_norm(model):
-    """--sync-bn: batch-norm statistics over the global batch instead of per process (a departure)."""
+    """--sync-bn: batch-norm statistics over the global batch instead of per process (a departure).
+
+    The processes must call every batch norm alike, backward included. Nothing to do in one process.
+    """
+    if world_size() == 1:
+        return model
     device = next(model.parameters()).device
-    if world_size() > 1 and device.type != "cuda":  # torch's SyncBatchNorm raises on CPU
+    if device.type != "cuda":  # torch's SyncBatchNorm raises on CPU
         raise ValueError(f"--sync-bn needs CUDA devices, not {device.type}")
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

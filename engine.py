@@ -102,8 +102,8 @@ def parse_args(stage, argv=None):
     p.add_argument("--workers", type=int, default=0, help="ignored: data is held and augmented in memory")
     p.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
     p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: batch-norm statistics over the global batch, not per process "
-                        "(departs from the authors' DataParallel; CUDA only)")
+                   help="stage 1 under torchrun: batch-norm statistics over the global batch, not per "
+                        "process (departs from the authors' DataParallel; CUDA only)")
     if stage.gated:
         p.add_argument("--options", default=None,
                        help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "
@@ -141,6 +141,9 @@ def validate_args(stage, args):
         value = getattr(args, name, 0.0)  # cost_weight: gated stages only
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.sync_bn and stage.gated:  # see README, "Several GPUs and machines"
+        raise ValueError("--sync-bn is for stage 1: a gated block may run a batch norm with autograd on one "
+                         "process and without on another, and SyncBatchNorm's backward needs them all")
     if stage.gated:
         if args.options is not None:
             args.options = list(parse_options(args.options))
@@ -539,16 +542,15 @@ def run_stage(stage, args):
 def main(stage, argv=None):
     """Command-line entry point of a stage script; returns the exit status."""
     args = parse_args(stage, argv)
-    try:
-        return run_stage(stage, args)
-    except (UserError, CheckpointError, data.DatasetError) as e:
-        # every process says it: under torchrun a file or a GPU may be missing on one machine only
-        who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
-        print(f"error: {who}{e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        if distributed.is_main():  # every process stops here together
-            print(f"error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.shutdown()
+    with distributed.session():
+        try:
+            return run_stage(stage, args)
+        except (UserError, CheckpointError, data.DatasetError) as e:
+            # every process says it: under torchrun a file or a GPU may be missing on one machine only
+            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
+            print(f"error: {who}{e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
+            if distributed.is_main():  # every process stops here together
+                print(f"error: {e}", file=sys.stderr)
+            return 3

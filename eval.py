@@ -111,21 +111,19 @@ def main(argv=None):
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        args.device = distributed.init(args.device)  # this process's own GPU under torchrun
-    except ValueError as e:
-        p.error(str(e))
-    main_process = distributed.is_main()  # the only process that prints and writes
-    try:
-        records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
-    except (CheckpointError, data.DatasetError) as e:
-        who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
-        print(f"error: {who}{e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
-    if not main_process:
-        return 0
+    with distributed.session():
+        try:
+            args.device = distributed.init(args.device)  # this process's own GPU under torchrun
+        except ValueError as e:
+            p.error(str(e))
+        try:
+            records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
+        except (CheckpointError, data.DatasetError) as e:
+            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
+            print(f"error: {who}{e}", file=sys.stderr)
+            return 2
+        if not distributed.is_main():  # process 0 alone prints the table and writes
+            return 0
     if len(records) > 1:
         print("\n" + table(records))
     if args.json:

@@ -120,13 +120,25 @@ def load_arrays(name, data_dir, download=False):
 
 
 class Batches:
-    """Mini-batches of an in-memory uint8 image set, augmented and normalised in torch."""
+    """Mini-batches of an in-memory uint8 image set, augmented and normalised in torch.
 
-    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, device="cpu"):
+    With several processes (`rank` of `world_size`) a training batch stays the global batch, the
+    same for any number of processes, and each process gets its contiguous slice of it; in
+    evaluation each process gets a contiguous run of whole batches, so that every image is
+    evaluated in the same batch as in one process.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, device="cpu",
+                 rank=0, world_size=1):
         if batch_size < 1 or len(labels) == 0:  # an empty set would make infinite() spin forever
             raise ValueError(f"need batch_size >= 1 and samples: {batch_size}, {len(labels)}")
+        smallest = min(batch_size, len(labels) % batch_size or batch_size)
+        if train and smallest < world_size:  # an empty slice would break batch norm
+            raise ValueError(f"a batch of {smallest} images (--batch-size {batch_size}, {len(labels)} "
+                             f"training images) leaves some of the {world_size} processes without one")
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.epoch, self.batch = 0, 0
@@ -161,14 +173,15 @@ class Batches:
 
     def __iter__(self):
         """Yield (x float32 normalised, y int64) on the device: a full pass, or the epoch's rest."""
-        bs = self.batch_size
+        bs, n, r, w = self.batch_size, len(self.labels), self.rank, self.world_size
         if not self.train:
-            for s in range(0, len(self.labels), bs):
+            for s in range(len(self) * r // w * bs, len(self) * (r + 1) // w * bs, bs):
                 yield self._normalise(self.images[s:s + bs]), self.labels[s:s + bs]
             return
         perm, dx, dy, flip = self.epoch_plan(self.epoch)
         while self.batch < len(self):
-            sl = slice(self.batch * bs, (self.batch + 1) * bs)
+            start, size = self.batch * bs, min(bs, n - self.batch * bs)
+            sl = slice(start + size * r // w, start + size * (r + 1) // w)  # this process's slice
             idx = perm[sl]
             x = self.crop_flip(self.images[idx], dx[sl], dy[sl], flip[sl])
             self.batch += 1  # before yielding, so a state saved after k batches says batch=k
@@ -196,8 +209,10 @@ def infinite(batches):
 
 
 def build_batches(name, data_dir, batch_size, *, val_size=0, download=False, seed=0,
-                  device="cpu"):
-    """Return (train Batches, eval Batches, num_classes); eval is a held-out split if val_size."""
+                  device="cpu", rank=0, world_size=1):
+    """Return (train Batches, eval Batches, num_classes); eval is a held-out split if val_size.
+
+    `rank` and `world_size` give each process its share (see Batches)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     train_x, train_y, eval_x, eval_y = load_arrays(name, data_dir, download)
@@ -209,12 +224,14 @@ def build_batches(name, data_dir, batch_size, *, val_size=0, download=False, see
         val, rest = order[:val_size].sort().values, order[val_size:].sort().values
         train_x, train_y, eval_x, eval_y = train_x[rest], train_y[rest], train_x[val], train_y[val]
     mean, std = MEAN_STD[name]
-    return (Batches(train_x, train_y, batch_size, mean, std, train=True, seed=seed, device=device),
-            Batches(eval_x, eval_y, batch_size, mean, std, train=False, device=device),
+    share = dict(device=device, rank=rank, world_size=world_size)
+    return (Batches(train_x, train_y, batch_size, mean, std, train=True, seed=seed, **share),
+            Batches(eval_x, eval_y, batch_size, mean, std, train=False, **share),
             NUM_CLASSES[name])
 
 
-def test_batches(name, data_dir, batch_size, *, download=False, device="cpu"):
-    """Return the test-set Batches (in order, unaugmented) for evaluation scripts."""
+def test_batches(name, data_dir, batch_size, *, download=False, device="cpu", rank=0, world_size=1):
+    """Return the test-set Batches (in order, unaugmented) for evaluation scripts; shared as in Batches."""
     _, _, test_x, test_y = load_arrays(name, data_dir, download)
-    return Batches(test_x, test_y, batch_size, *MEAN_STD[name], train=False, device=device)
+    return Batches(test_x, test_y, batch_size, *MEAN_STD[name], train=False, device=device,
+                   rank=rank, world_size=world_size)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import runfolder
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models import build_model, is_gated, parse_options, resolve_name
@@ -42,18 +43,36 @@ class Stage:
     target_cp: Optional[float] = None
 
 
+def global_cross_entropy(logits, target, total=None):
+    """Mean cross entropy over the global batch, as this process's share of DDP's gradient average.
+
+    Each of W processes returns W * CE_sum(local) / n_global, so the average of their gradients is
+    the gradient of CE_mean over the global batch, even for unequal slices. `total`: n_global if
+    known. One process: the plain mean.
+    """
+    if distributed.world_size() == 1:
+        return F.cross_entropy(logits, target)
+    if total is None:
+        total = distributed.all_sum(logits.new_tensor(float(len(target))))
+    return F.cross_entropy(logits, target, reduction="sum") * (distributed.world_size() / total).to(logits.dtype)
+
+
 def cross_entropy_loss(args):
     """Stage 1: plain cross entropy."""
-    return lambda logits, decisions, target, model: (F.cross_entropy(logits, target), None)
+    return lambda logits, decisions, target, model: (global_cross_entropy(logits, target), None)
 
 
 def budget_loss(args):
-    """Stages 2-3: CE + beta * s * C, s = +1 above the target computation percentage, else -1 (§5)."""
+    """Stages 2-3: CE + beta * s * C, s = +1 above the target computation percentage, else -1 (§5).
+
+    All over the global batch: s from its computation percentage, and C = sum of the processes'
+    C_local, so each process's share of DDP's gradient average is beta * s * W * C_local.
+    """
     def loss_fn(logits, decisions, target, model):
-        cp = model.computation_percentage(decisions.detach())
+        total, cp = distributed.global_mean(model.computation_percentage(decisions.detach()), len(target))
         sign = torch.where(cp > args.target_cp, 1.0, -1.0)
-        penalty = cost_penalty(decisions, model.option_costs)
-        return F.cross_entropy(logits, target) + args.cost_weight * sign * penalty, cp
+        penalty = cost_penalty(decisions, model.option_costs) * distributed.world_size()
+        return global_cross_entropy(logits, target, total) + args.cost_weight * sign * penalty, cp
     return loss_fn
 
 
@@ -85,6 +104,9 @@ def build_parser(stage):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="ignored: data is held and augmented in memory")
     p.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="stage 1 under torchrun: batch-norm statistics over the global batch, not per "
+                        "process (departs from the authors' DataParallel; CUDA only)")
     if stage.gated:
         p.add_argument("--options", default=None,
                        help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "
@@ -161,6 +183,9 @@ def validate_args(stage, args):
         value = getattr(args, name, 0.0)  # cost_weight: gated stages only
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.sync_bn and stage.gated:  # see README, "Several GPUs and machines"
+        raise ValueError("--sync-bn is for stage 1: a gated block may run a batch norm with autograd on one "
+                         "process and without on another, and SyncBatchNorm's backward needs them all")
     if stage.gated:
         if args.options is not None:
             args.options = list(parse_options(args.options))
@@ -201,23 +226,31 @@ def split_output(out):
 
 @torch.no_grad()
 def evaluate(model, batches):
-    """Top-1 accuracy, loss, computation percentage and per-block decision distribution."""
+    """Top-1 accuracy, loss, computation percentage and per-block decision distribution.
+
+    With several processes each evaluates its share of `batches` and the sums are added up, the
+    counts exactly (int64, and float64 for the decision counts), so the figures are one process's.
+    """
     was_training = model.training
     model.eval()
-    correct = loss = n = 0
-    usage = 0.0
+    device, gated = next(model.parameters()).device, hasattr(model, "options")
+    correct, n = torch.zeros((), dtype=torch.int64, device=device), 0
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    if gated:  # [G, O]: how many samples chose each option at each gated block
+        usage = torch.zeros(len(model.gate_embeds), len(model.options), dtype=torch.float64, device=device)
     for x, y in batches:
         logits, decisions = split_output(model(x))
         correct += (logits.argmax(1) == y).sum()
-        loss += F.cross_entropy(logits, y, reduction="sum")
+        loss += F.cross_entropy(logits, y, reduction="sum").double()
         n += len(y)
-        if decisions is not None:
-            usage += decisions.sum(0).double()  # [G, O]
+        if gated:
+            usage += decisions.sum(0).double()
     model.train(was_training)
-    stats = {"acc": 100 * float(correct) / n, "loss": float(loss) / n, "num_samples": n}
-    if decisions is not None:
+    correct, n = distributed.all_sum(torch.stack([correct, correct.new_tensor(n)])).tolist()
+    stats = {"acc": 100 * correct / n, "loss": float(distributed.all_sum(loss)) / n, "num_samples": n}
+    if gated:
         # Every figure is linear in the decisions, so the mean over samples gives them all.
-        dist = usage / n  # per block, the share of samples that chose each option
+        dist = distributed.all_sum(usage) / n  # per block, the share of samples that chose each option
         mean = dist[None].float()
         figures = model.complexity(mean)
         stats["computation_percentage"] = float(model.computation_percentage(mean))
@@ -285,7 +318,11 @@ def build_from_checkpoint(stage, args, ckpt):
 
 
 class Interrupt:
-    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second signal acts at once)."""
+    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second signal acts at once).
+
+    Under torchrun a second signal is only noted: torchrun itself signals every process when one
+    fails, and kills those still running after its --shutdown-timeout (30 s by default).
+    """
 
     def __enter__(self):
         self.signum = None
@@ -294,8 +331,9 @@ class Interrupt:
 
     def handle(self, signum, frame):
         self.signum = signum
-        for s, h in self.previous.items():
-            signal.signal(s, h)
+        if distributed.world_size() == 1:
+            for s, h in self.previous.items():
+                signal.signal(s, h)
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -309,16 +347,22 @@ class Run:
         self.stage, self.args, self.model, self.optimizer = stage, args, model, optimizer
         self.train_batches, self.folder = train_batches, folder
         self.step, self.best_acc = 0, float("-inf")  # the first evaluation always writes model_best
+        # `model` is the module itself (state dict, cost model); training steps go through `wrapped`
+        # Every trainable parameter gets a gradient in every step: the gated network's sparse backward
+        # keeps a block whose samples all skipped in the graph with an exact zero term (as the dense
+        # formulation), so DDP need not search the graph for unused parameters.
+        self.wrapped = distributed.wrap(model, find_unused_parameters=False)
 
     def checkpoint(self):
-        """Everything needed to continue exactly, as tensors and plain data."""
+        """Everything needed to continue exactly, as tensors and plain data (every process calls it)."""
         model = self.model
         return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "best_acc": self.best_acc, "stage": self.stage.name,
                 "arch": resolve_name(self.args.arch)[0], "num_classes": model.num_classes,
                 "options": list(model.options) if self.stage.gated else None,
                 "args": vars(self.args), "data_state": self.train_batches.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "world_size": distributed.world_size(),
+                **({"rng_by_rank": distributed.all_gather(rng_state())} if distributed.world_size() > 1 else {})}
 
     def restore(self, ckpt):
         """Continue a run of this stage from its checkpoint; UserError if it cannot be done exactly."""
@@ -326,25 +370,32 @@ class Run:
         missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
         if missing:
             raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
+        saved, now = ckpt.get("world_size", 1), distributed.world_size()
+        if saved != now:  # batch norm works per process: its batches would change
+            raise UserError(f"{where} was trained by {saved} process(es); continue it with {saved}, "
+                            f"not {now} (torchrun --nproc_per_node/--nnodes)")
         try:
             self.train_batches.load_state_dict(ckpt["data_state"])
         except ValueError as e:
             raise UserError(f"{where} does not fit this data ({e}): was --batch-size or --val-size changed?")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.best_acc = ckpt["step"], ckpt["best_acc"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng_by_rank"][distributed.rank()] if now > 1 else ckpt["rng"])
 
     def save(self, best=False):
         """Write model_best when `best`, then checkpoint_latest; WriteError names a file that failed.
 
-        model_best goes first: should checkpoint_latest then fail, a resume from the previous one
-        evaluates here again and writes the same model_best, so the two never disagree.
+        Every process calls it; process 0 writes. model_best goes first: should checkpoint_latest
+        then fail, a resume from the previous one evaluates here again and writes the same
+        model_best, so the two never disagree.
         """
         ckpt = self.checkpoint()
-        for name in (["model_best.pth.tar"] if best else []) + ["checkpoint_latest.pth.tar"]:
-            path = os.path.join(self.folder, name)
-            with runfolder.writing(path):
-                save_checkpoint(ckpt, path)
+        if distributed.is_main():
+            for name in (["model_best.pth.tar"] if best else []) + ["checkpoint_latest.pth.tar"]:
+                path = os.path.join(self.folder, name)
+                with runfolder.writing(path):
+                    save_checkpoint(ckpt, path)
+        distributed.barrier()  # no process goes on (or exits) before the checkpoint is on disk
 
 
 def log_eval(run, stats, split, writer):
@@ -366,9 +417,9 @@ def log_eval(run, stats, split, writer):
 
 def train_step(run, loss_fn, x, y):
     """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
-    logits, decisions = split_output(run.model(x))
+    logits, decisions = split_output(run.wrapped(x))
     loss, cp = loss_fn(logits, decisions, y, run.model)
-    if not torch.isfinite(loss):  # stop before the bad step touches the weights
+    if distributed.any_process(~torch.isfinite(loss)):  # stop before the bad step touches the weights
         kept = runfolder.last_checkpoint(run.folder)
         kept = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was saved yet"
         raise TrainingError(f"non-finite loss at iteration {run.step + 1}; {kept} (try a lower --lr)")
@@ -383,20 +434,26 @@ class TrainingError(Exception):
 
 
 def log_train(run, loss, logits, decisions, cp, y, lr, seconds, writer, say):
-    """The compact per-interval line and its TensorBoard scalars."""
-    acc = 100 * float((logits.argmax(1) == y).float().mean())
-    line = f"iter {run.step}/{run.args.iters}  loss {float(loss.detach()):.4f}  acc {acc:.1f}  lr {lr:g}"
+    """The compact per-interval line and its TensorBoard scalars, over the global batch."""
+    # One reduction: each process's loss is its share of the global loss (see budget_loss); the
+    # rest are sums of correct answers, samples and per-option choices over blocks.
+    usage = decisions.detach().sum((0, 1)) if decisions is not None else loss.new_zeros(0)
+    totals = distributed.all_sum(torch.cat([(loss.detach() / distributed.world_size()).reshape(1),
+                                            (logits.argmax(1) == y).sum().reshape(1).to(loss.dtype),
+                                            loss.new_tensor([len(y)]), usage.to(loss.dtype)])).tolist()
+    loss, acc, n, usage = totals[0], 100 * totals[1] / totals[2], totals[2], totals[3:]
+    line = f"iter {run.step}/{run.args.iters}  loss {loss:.4f}  acc {acc:.1f}  lr {lr:g}"
     if cp is not None:
         line += f"  cp {float(cp):.2f}"
     say(f"{line}  {seconds * 1000:.0f} ms/iter")
     if writer is not None:
-        writer.add_scalar("train/loss", float(loss.detach()), run.step)
+        writer.add_scalar("train/loss", loss, run.step)
         writer.add_scalar("train/acc", acc, run.step)
         writer.add_scalar("train/lr", lr, run.step)
         if cp is not None:
             writer.add_scalar("train/computation_percentage", float(cp), run.step)
-            for name, share in zip(run.model.option_names, decisions.detach().mean((0, 1)).tolist()):
-                writer.add_scalar(f"train/option/{name}", share, run.step)
+            for name, count in zip(run.model.option_names, usage):
+                writer.add_scalar(f"train/option/{name}", count / (n * decisions.shape[1]), run.step)
 
 
 def evaluate_and_save(run, eval_batches, split, writer, say):
@@ -404,11 +461,13 @@ def evaluate_and_save(run, eval_batches, split, writer, say):
     device = torch.device(run.args.device)
     # Evaluation must not move the training random stream (dithered rounding draws from it in
     # eval too): otherwise where evaluations fall, e.g. a resume's --iters, changes the training.
+    distributed.broadcast_buffers(run.model)  # every process evaluates process 0's model
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         stats = evaluate(run.model, eval_batches)
     best = stats["acc"] > run.best_acc
     run.best_acc = max(run.best_acc, stats["acc"])
-    log_eval(run, stats, split, writer)
+    if distributed.is_main():
+        log_eval(run, stats, split, writer)
     run.save(best)
     say(f"eval iter {run.step}: {split} acc {stats['acc']:.2f}"
         + (f"  cp {stats['computation_percentage']:.2f}" if "decision_distribution" in stats else "")
@@ -420,8 +479,9 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     from tqdm import tqdm
     args = run.args
     stream = data.infinite(run.train_batches)
-    bar = tqdm(total=args.iters, initial=run.step, disable=not sys.stderr.isatty(), leave=False)
-    say = bar.write if not bar.disable else print
+    main_process = distributed.is_main()  # the only process that prints
+    bar = tqdm(total=args.iters, initial=run.step, disable=not (main_process and sys.stderr.isatty()), leave=False)
+    say = (bar.write if not bar.disable else print) if main_process else (lambda line: None)
     tick = time.time()
     with Interrupt() as stop:
         while run.step < args.iters:
@@ -438,14 +498,25 @@ def train(run, loss_fn, eval_batches, split, writer=None):
                 tick = time.time()
             if run.step % args.eval_every == 0 or run.step == args.iters:
                 evaluate_and_save(run, eval_batches, split, writer, say)
-            if stop.signum is not None:
+            signum = distributed.agreed_signal(stop.signum)  # the same step on every process
+            if signum is not None:
                 run.save()
                 bar.close()
-                print(f"interrupted at iteration {run.step}; saved {run.folder}/checkpoint_latest.pth.tar. "
-                      f"Continue with the same command plus --resume {run.folder}/checkpoint_latest.pth.tar",
-                      file=sys.stderr)
-                return 128 + stop.signum
+                if main_process:
+                    print(f"interrupted at iteration {run.step}; saved {run.folder}/checkpoint_latest.pth.tar. "
+                          f"Continue with the same command plus --resume {run.folder}/checkpoint_latest.pth.tar",
+                          file=sys.stderr)
+                return 128 + signum
     bar.close()
+    return 0
+
+
+def report_test(model, args, share):
+    """`test ARCH --resume CKPT`: the test-set report, printed by process 0; returns 0."""
+    stats = evaluate(model, data.test_batches(args.dataset, args.data_dir, args.batch_size,
+                                              download=args.download, **share))
+    if distributed.is_main():
+        print(format_report(stats, getattr(model, "option_names", None)))
     return 0
 
 
@@ -454,25 +525,31 @@ def run_stage(stage, args, given=frozenset()):
 
     `given`: the arguments set on the command line; a continued run takes the others from its checkpoint.
     """
-    device = torch.device(args.device)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if args.cmd == "train" and ckpt is not None and ckpt["stage"] == stage.name:
         keep_run_settings(args, ckpt.get("args") or {}, given, args.resume)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    try:
+        device = distributed.init(args.device)  # this process's own GPU under torchrun
+    except ValueError as e:
+        raise UserError(str(e))
     seed_everything(args.seed)
     model, continuing = build_from_checkpoint(stage, args, ckpt)
     model.to(device)
+    main_process = distributed.is_main()  # the only process that writes and prints
+    share = dict(device=device, rank=distributed.rank(), world_size=distributed.world_size())
     if args.cmd == "test":
         if ckpt is None:
             raise UserError("test needs --resume CHECKPOINT")
-        batches = data.test_batches(args.dataset, args.data_dir, args.batch_size,
-                                    download=args.download, device=device)
-        print(format_report(evaluate(model, batches), getattr(model, "option_names", None)))
-        return 0
-    train_batches, eval_batches, _ = data.build_batches(
-        args.dataset, args.data_dir, args.batch_size, val_size=args.val_size,
-        download=args.download, seed=args.seed, device=device)
+        return report_test(model, args, share)
+    try:
+        train_batches, eval_batches, _ = data.build_batches(
+            args.dataset, args.data_dir, args.batch_size, val_size=args.val_size,
+            download=args.download, seed=args.seed, **share)
+        model = distributed.sync_batch_norm(model) if args.sync_bn else model
+    except ValueError as e:
+        raise UserError(str(e))
     trainable = list(stage.trainable(model))
     ids = {id(p) for p in trainable}
     for p in model.parameters():
@@ -483,31 +560,41 @@ def run_stage(stage, args, given=frozenset()):
     if continuing:
         run.restore(ckpt)
         if run.step >= args.iters:
-            runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
-            print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
+            if main_process:
+                runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
+                print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
             return 0
+    split = "val" if args.val_size else "test"
+    if not main_process:  # only process 0 holds the folder, writes and prints
+        return train(run, stage.make_loss(args), eval_batches, split, None)
     with runfolder.claim(run.folder, resume=args.resume if continuing else None, step=run.step,
                          overwrite=args.overwrite) as folder:
         folder.write_text("args.json", json.dumps(vars(args), indent=2))
         where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+        if distributed.world_size() > 1:
+            where += f" x {distributed.world_size()} processes"
         print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
               f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
         # a resumed run's earlier events past its checkpoint are hidden (TensorBoard drops step >= purge_step)
         writer = folder.summary_writer(purge_step=run.step + 1 if continuing else None)
-        return train(run, stage.make_loss(args), eval_batches, "val" if args.val_size else "test", writer)
+        return train(run, stage.make_loss(args), eval_batches, split, writer)
 
 
 def main(stage, argv=None):
     """Command-line entry point of a stage script; returns the exit status."""
     args = parse_args(stage, argv)
-    try:
-        return run_stage(stage, args, given_args(stage, argv))
-    except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except runfolder.WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    with distributed.session():
+        try:
+            return run_stage(stage, args, given_args(stage, argv))
+        except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
+            # every process says it: under torchrun a file or a GPU may be missing on one machine only
+            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
+            print(f"error: {who}{e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
+            if distributed.is_main():  # every process stops here together
+                print(f"error: {e}", file=sys.stderr)
+            return 3
+        except runfolder.WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 4

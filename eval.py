@@ -3,7 +3,8 @@
     python eval.py save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar --dataset cifar10
     python eval.py run50/model_best.pth.tar run40/model_best.pth.tar --json results.json --plot-dir plots
 
-Architecture and options are read from each checkpoint. With several checkpoints it also
+Architecture and options are read from each checkpoint. Under `torchrun --nproc_per_node N`
+the test set is shared out over the processes and the counts added up: the same figures. With several checkpoints it also
 prints the accuracy-vs-computation table and writes two PNGs: accuracy against computation
 percentage, and each checkpoint's decision distribution per block (as the paper's figures).
 """
@@ -15,6 +16,7 @@ import sys
 import torch
 
 import data
+import distributed
 from checkpoint import CheckpointError, load_checkpoint
 from engine import evaluate, format_report
 from models import build_model
@@ -40,9 +42,10 @@ def evaluate_checkpoint(path, args):
     if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
     batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
-                                device=args.device)
+                                device=args.device, rank=distributed.rank(), world_size=distributed.world_size())
     stats = evaluate(model, batches)
-    print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
+    if distributed.is_main():
+        print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
     return {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
             "option_names": getattr(model, "option_names", ["full"]),
             "decision_distribution": stats.get("decision_distribution"),
@@ -126,11 +129,19 @@ def main(argv=None):
     args.plot_dir = args.plot_dir or ("eval_plots" if len(args.checkpoints) > 1 else None)
     prepare_outputs(p, args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
-    except (CheckpointError, data.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with distributed.session():
+        try:
+            args.device = distributed.init(args.device)  # this process's own GPU under torchrun
+        except ValueError as e:
+            p.error(str(e))
+        try:
+            records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
+        except (CheckpointError, data.DatasetError) as e:
+            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
+            print(f"error: {who}{e}", file=sys.stderr)
+            return 2
+        if not distributed.is_main():  # process 0 alone prints the table and writes
+            return 0
     if len(records) > 1:
         print("\n" + table(records))
     if args.json:

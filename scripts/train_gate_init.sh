@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 2: train the gate toward full execution (backbone frozen; 2k iterations, lr 0.01, target 100 %).
-# Usage: [DATASET=cifar10] [DEPTH=38] [SAVE=save_checkpoints] [CUDA_VISIBLE_DEVICES=0] scripts/train_gate_init.sh [extra args]
+# Usage: [DATASET=cifar10] [DEPTH=38] [SAVE=save_checkpoints] [CUDA_VISIBLE_DEVICES=0[,1...]] [NPROC=N] scripts/train_gate_init.sh [extra args]
 # Reads $SAVE/backbone/resnet$DEPTH/model_best.pth.tar; writes $SAVE/full_execution/dfs_resnet$DEPTH/;
 # run again, it continues its own run there (or, finished, does nothing).
 set -euo pipefail
@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 : "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}" "${PYTHON:=python3}"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
 resume_from "$SAVE/full_execution/dfs_resnet$DEPTH/checkpoint_latest.pth.tar" \
     "$SAVE/backbone/resnet$DEPTH/model_best.pth.tar" "$@"
-exec "$PYTHON" train_gate_init.py train "dfs_resnet$DEPTH" --dataset "$DATASET" --minimum 100 --lr 0.01 \
+launch train_gate_init.py train "dfs_resnet$DEPTH" --dataset "$DATASET" --minimum 100 --lr 0.01 \
     --iters 2000 "${RESUME[@]}" --save-folder "$SAVE/full_execution" "$@"

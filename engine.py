@@ -116,6 +116,10 @@ def build_parser(stage):
         p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
         p.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding (departs from the paper)")
+        p.add_argument("--execution", choices=["dynamic", "mixed"], default="dynamic",
+                       help="training forward (same numbers either way): dynamic back-propagates only "
+                            "through the options some sample chose (one host sync per block); mixed "
+                            "keeps every option in the autograd graph (no sync; may pay on a GPU)")
     return p
 
 
@@ -140,7 +144,7 @@ def given_args(stage, argv=None):
 
 # What defines a run: continuing it takes these from its checkpoint (an explicitly given value
 # that differs is refused). --iters, --eval-every, --print-freq, --device, --data-dir, --download,
-# --workers and --save-folder may change; options are checked against the model's own.
+# --workers, --execution and --save-folder may change; options are checked against the model's own.
 RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": "--batch-size",
                 "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
                 "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
@@ -352,6 +356,7 @@ class Run:
         # keeps a block whose samples all skipped in the graph with an exact zero term (as the dense
         # formulation), so DDP need not search the graph for unused parameters.
         self.wrapped = distributed.wrap(model, find_unused_parameters=False)
+        self.forward_kwargs = {"execution": args.execution} if stage.gated else {}
 
     def checkpoint(self):
         """Everything needed to continue exactly, as tensors and plain data (every process calls it)."""
@@ -417,7 +422,7 @@ def log_eval(run, stats, split, writer):
 
 def train_step(run, loss_fn, x, y):
     """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
-    logits, decisions = split_output(run.wrapped(x))
+    logits, decisions = split_output(run.wrapped(x, **run.forward_kwargs))
     loss, cp = loss_fn(logits, decisions, y, run.model)
     if distributed.any_process(~torch.isfinite(loss)):  # stop before the bad step touches the weights
         kept = runfolder.last_checkpoint(run.folder)

@@ -34,6 +34,7 @@ import models
 import train_base
 import train_dfs
 import train_gate_init
+from models.dfs_resnet import DFSResNet
 
 eval_cli = importlib.import_module("eval")  # eval.py; `import eval` would read as the builtin
 
@@ -179,6 +180,29 @@ def test_resume_after_iters_k_equals_uninterrupted_run(stage, start, reference, 
     # evaluations at 2, 3, 5 (here) and 4 (there) change nothing: the final ones agree exactly
     assert [r["step"] for r in log_records(save, stage)] == [2, 3, 5, 6]
     assert log_records(save, stage)[-1] == log_records(ref_save, stage)[-1]
+
+
+@pytest.mark.parametrize("stage", ["gate_init", "dfs"])
+def test_execution_mixed_trains_the_same_run(stage, start, reference, tmp_path, monkeypatch):
+    """--execution mixed (every option with autograd) then a resume with the default sparse
+    backward: the same losses and the same final state as the uninterrupted default run."""
+    ref_save, ref_steps = reference(stage)
+    save, seen = tmp_path / "save", []
+    real_run_all = DFSResNet.run_all
+
+    def recording_run_all(self, block, x, hard, sparse):
+        seen.append(sparse)
+        return real_run_all(self, block, x, hard, sparse)
+    monkeypatch.setattr(DFSResNet, "run_all", recording_run_all)
+    rc1, first = train(stage, save, start[stage] + ["--eval-every", "4", "--execution", "mixed"], iters=K)
+    dense, seen[:] = list(seen), []
+    rc2, second = train(stage, save, start[stage] + ["--eval-every", "4", "--resume", latest(save, stage)],
+                        iters=N)
+    assert (rc1, rc2) == (0, 0)
+    assert dense and not any(dense) and seen and all(seen)  # the flag reached the training forward
+    assert load(latest(save, stage))["args"]["execution"] == "dynamic"
+    assert first + second == ref_steps
+    assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)), same_evaluations=False)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

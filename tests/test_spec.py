@@ -541,7 +541,7 @@ def tiny_run(lr=0.5):
     torch.manual_seed(0)
     model = nn.Linear(3, 2, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    return types.SimpleNamespace(model=model, wrapped=model, optimizer=optimizer, step=0, folder="nowhere")
+    return types.SimpleNamespace(model=model, wrapped=model, forward_kwargs={}, optimizer=optimizer, step=0, folder="nowhere")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])

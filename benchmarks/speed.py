@@ -72,10 +72,13 @@ def saved_bytes(fn):
 class Bench:
     """Named callables timed round-robin; memory measured once per train step."""
 
-    def __init__(self, device):
-        self.device, self.jobs, self.times, self.memory = device, {}, {}, {}
+    def __init__(self, device, only=None):
+        self.device, self.only, self.jobs, self.times, self.memory = device, only, {}, {}, {}
 
     def add(self, name, fn, train=False):
+        """Register a configuration (the plain references always; others if they match --only)."""
+        if self.only and " plain " not in name and not any(o in name for o in self.only):
+            return
         self.jobs[name] = (fn, train)
 
     def once(self, fn, calls=1):
@@ -133,9 +136,11 @@ def add_depth(bench, depth, args, device):
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     plain = build_model(f"resnet{depth}", 10).to(device)
     dfs = {name: build_model(f"dfs_resnet{depth}", 10, "default").to(device) for name in PATTERNS}
+    with torch.no_grad():  # non-trivial BN and activation-range statistics for eval, plain's too
+        plain(x)
+        for name, model in dfs.items():
+            model(x)
     for name, model in dfs.items():
-        with torch.no_grad():
-            model(x)  # non-trivial BN and activation-range statistics for eval
         model.gate = SteeredGate(model.gate, model.options, PATTERNS[name])
     tag = f"ResNet-{depth}"
 
@@ -181,13 +186,15 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", nargs="+", help="only configurations whose name contains one of these "
+                   "(e.g. 'DFS eval'); the plain references always run")
     p.add_argument("--json", help="write the figures and settings here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    bench = Bench(device)
+    bench = Bench(device, args.only)
     for depth in args.depths:
         add_depth(bench, depth, args, device)
     medians = bench.run(args.repeats)

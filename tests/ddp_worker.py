@@ -71,7 +71,7 @@ def half(t, rank):
 def ddp_gradients(name, stage, target=None):
     """This process's gradients after one engine.train_step on its half of the global batch."""
     model = build(name)
-    args = argparse.Namespace(target_cp=target, cost_weight=BETA)
+    args = argparse.Namespace(target_cp=target, cost_weight=BETA, execution="dynamic")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     run = engine.Run(stage, args, model, optimizer, None, None)
     x, y = global_batch()

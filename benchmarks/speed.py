@@ -1,6 +1,6 @@
 """Speed of DFS training and inference against the plain ResNet, measured in one process.
 
-    python benchmarks/speed.py [--depths 38 74] [--batch-size 128] [--repeats 5] [--json out.json]
+    python benchmarks/speed.py [--depths 38 74] [--batch-size 128] [--repeats 5] [--only "DFS eval"] [--json out.json]
 
 For each depth: plain train step and eval; DFS train step, sparse (default) and dense (`mixed`,
 every option in the autograd graph), with every sample of every block on one option (8 bits)

@@ -13,6 +13,7 @@ import copy
 import gzip
 import math
 import os
+import re
 import types
 from pathlib import Path
 
@@ -355,6 +356,56 @@ def test_budget_penalty_is_a_sum_over_the_batch(paper_model):
     assert two.item() - ce == pytest.approx(-0.5 * 12, rel=1e-6)
 
 
+def as_processes(monkeypatch, loss_fn, slices):
+    """Each slice's loss as one of W = len(slices) processes would compute it, in this process.
+
+    `distributed.all_sum` sums what every process passed at that call: a first pass records each
+    process's inputs (in the loss they depend on local data only), a second returns their sums.
+    """
+    monkeypatch.setattr(engine.distributed, "world_size", lambda: len(slices))
+    sent = []
+    for args in slices:  # pass 1: what each process would contribute, call by call
+        sent.append([])
+        monkeypatch.setattr(engine.distributed, "all_sum", lambda t, log=sent[-1]: log.append(t.detach().clone()) or t.clone())
+        loss_fn(*args)
+    results = []
+    for args in slices:  # pass 2: every process receives the same sums
+        calls = iter(range(len(sent[0])))
+
+        def all_sum(t):
+            k = next(calls)
+            return sum(log[k] for log in sent)
+        monkeypatch.setattr(engine.distributed, "all_sum", all_sum)
+        results.append(loss_fn(*args))
+    return results
+
+
+@pytest.mark.parametrize("target", [10.0, 90.0])
+def test_budget_loss_over_processes_averages_to_the_global_batch_loss(paper_model, monkeypatch, target):
+    """§5 under DDP: W processes on unequal slices (3 and 5 samples). DDP averages their
+    gradients, so the mean of their losses must have the gradient of the one-process loss of
+    the whole batch (CE mean + beta*s*C, s from the global computation percentage), and every
+    process must report the global computation percentage."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 10, generator=g).to(DEVICE).requires_grad_()
+    z = (3 * torch.randn(8, 8, 4, generator=g)).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 10, (8,), generator=g).to(DEVICE)
+    loss_fn = budget(target, 0.25)
+
+    def decisions(rows):
+        p = z[rows].softmax(-1)
+        return F.one_hot(p.argmax(-1), 4).to(p.dtype) - p.detach() + p
+    ref_loss, ref_cp = loss_fn(logits, decisions(slice(0, 8)), y, paper_model)
+    assert 10 < ref_cp.item() < 90  # the two targets give the two signs
+    ref_grads = torch.autograd.grad(ref_loss, (logits, z))
+    slices = [(logits[rows], decisions(rows), y[rows], paper_model) for rows in (slice(0, 3), slice(3, 8))]
+    results = as_processes(monkeypatch, loss_fn, slices)
+    assert all(cp.item() == pytest.approx(ref_cp.item(), rel=1e-6) for _, cp in results)
+    mean_loss = sum(loss for loss, _ in results) / len(results)
+    for got, ref in zip(torch.autograd.grad(mean_loss, (logits, z)), ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("target,sign", [(10.0, +1), (90.0, -1)])
 def test_budget_gradient_reaches_the_gate_through_the_straight_through_softmax(paper_model, target, sign):
     """§3/§5: the penalty's gradient on the gate's logits z, worked out by hand.
@@ -553,9 +604,34 @@ def test_a_non_finite_loss_raises_before_the_step(bad):
 
     def bad_loss(logits, decisions, target, model):
         return F.cross_entropy(logits, target) * 0 + bad, None
-    with pytest.raises(engine.TrainingError, match="non-finite loss at iteration 1"):
+    with pytest.raises(engine.TrainingError, match="non-finite loss at iteration 1; no checkpoint was saved yet"):
         engine.train_step(run, bad_loss, x, y)
     assert torch.equal(run.model.weight, before)
+
+
+def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(tmp_path):
+    """The message names the run's last checkpoint when one exists (latest before best)."""
+    run = tiny_run()
+    run.folder, run.step = str(tmp_path), 7
+    (tmp_path / "model_best.pth.tar").write_bytes(b"")
+    x, y = torch.ones(4, 3), torch.zeros(4, dtype=torch.long)
+
+    def bad_loss(logits, decisions, target, model):
+        return F.cross_entropy(logits, target) * float("nan"), None
+    for name in ("model_best.pth.tar", "checkpoint_latest.pth.tar"):
+        (tmp_path / name).write_bytes(b"")
+        kept = f"the last checkpoint, {tmp_path / name}, is kept"
+        with pytest.raises(engine.TrainingError, match=f"non-finite loss at iteration 8; {re.escape(kept)}"):
+            engine.train_step(run, bad_loss, x, y)
+
+
+def test_a_training_step_calls_the_model_with_the_runs_forward_arguments():
+    """--execution reaches the training forward (through DDP's wrapper, here the model itself)."""
+    run, seen = tiny_run(), []
+    model = run.model
+    run.wrapped, run.forward_kwargs = lambda x, **kw: seen.append(kw) or model(x), {"execution": "mixed"}
+    engine.train_step(run, lambda logits, decisions, target, model: (logits.sum(), None), torch.ones(2, 3), None)
+    assert seen == [{"execution": "mixed"}]
 
 
 def test_a_finite_loss_takes_one_sgd_step_on_fresh_gradients():

@@ -9,7 +9,6 @@ ranges), and a few optimizer steps must stay equal, in every stage and setting.
 Eval: the cached quantized weights and the no-gather path for a batch that chose one option.
 """
 import copy
-import os
 import types
 
 import pytest
@@ -19,13 +18,13 @@ from engine import budget_loss
 from models import build_model
 from quantize import QConv2d, fake_quantize
 
-DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+import helpers
+from helpers import DEVICE
 
 
 def images(b=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.linspace(0.5, 2.0, b).view(b, 1, 1, 1)
-    return (torch.randn(b, 3, 32, 32, generator=g) * scale).to(DEVICE), torch.arange(b).remainder(10).to(DEVICE)
+    """Inputs that differ per sample, and labels."""
+    return helpers.images(b, seed), torch.arange(b).remainder(10).to(DEVICE)
 
 
 def steer(model, pattern):

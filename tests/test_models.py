@@ -1,6 +1,5 @@
 """Tests of the CIFAR ResNet backbone, the gate and the DFS network (spec/dfs.md §1, §3, §5)."""
 import inspect
-import os
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from models.dfs_resnet import DFSResNet
 from models.resnet import CifarResNet
 from quantize import QConv2d
 
-DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+from helpers import DEVICE, images, randomize_bn, spread_gate
+
 DEFAULT_OPTIONS = ("skip", 8, 10, 12, 14, 16, "full")
 SKIP, FULL = 0, 6  # indices in the default option list
 
@@ -26,38 +26,8 @@ def build(name, seed=0, **kw):
     return build_model(name, **kw).to(DEVICE)
 
 
-def images(b, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    # per-sample scales so samples differ in their statistics (and in the gate's view of them)
-    scale = torch.linspace(0.5, 2.0, b).view(b, 1, 1, 1) if b > 1 else torch.ones(1, 1, 1, 1)
-    return (torch.randn(b, 3, 32, 32, generator=g) * scale).to(DEVICE)
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_bn(model, seed=5):
-    """Non-trivial BN affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-
-
-def spread_gate(model):
-    """Make the gate's choices depend strongly on the sample (big embeddings, random head)."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for e in model.gate_embeds:
-            e.conv.weight.mul_(10)
-        model.gate.proj.weight.copy_(torch.randn(model.gate.proj.weight.shape, generator=g) * 3)
-        model.gate.proj.bias.zero_()
 
 
 def force_gate(model, k, logit=5.0):

@@ -12,7 +12,6 @@ import argparse
 import copy
 import gzip
 import math
-import os
 import re
 import types
 from pathlib import Path
@@ -33,45 +32,16 @@ from models.dfs_resnet import DFSResNet
 from models.resnet import CifarResNet, init_weights
 from quantize import QConv2d, fake_quantize
 
-DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+from helpers import DEVICE, images, randomize_bn, spread_gate
+
 STAGES = {"base": train_base.STAGE, "gate_init": train_gate_init.STAGE, "dfs": train_dfs.STAGE}
 ARCH = {"base": "resnet20", "gate_init": "dfs_resnet20", "dfs": "dfs_resnet20"}
 PAPER = ("skip", 8, 16, "full")  # costs 0, 1/16, 1/4, 1: every percentage below is exact in fp32
 
 
-def images(b, seed=1, dtype=torch.float32):
-    """A batch whose samples differ in scale (so the gate and the ranges see different samples)."""
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.linspace(0.5, 2.0, b).view(b, 1, 1, 1)
-    return (torch.randn(b, 3, 32, 32, generator=g) * scale).to(DEVICE, dtype)
-
-
 def onehot(choices, num_options):
     """[B, G] option indices -> [B, G, O] float one-hot decisions."""
     return F.one_hot(torch.tensor(choices), num_options).float().to(DEVICE)
-
-
-def randomize_bn(model, seed=5):
-    """Non-trivial BN affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-
-
-def spread_gate(model, seed=7):
-    """Make the gate's choices depend strongly on the sample (big embeddings, random head)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for e in model.gate_embeds:
-            e.conv.weight.mul_(10)
-        model.gate.proj.weight.copy_(torch.randn(model.gate.proj.weight.shape, generator=g) * 3)
-        model.gate.proj.bias.zero_()
 
 
 # =========================================================================== §1 initialisation

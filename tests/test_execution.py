@@ -14,8 +14,9 @@ import types
 import pytest
 import torch
 
+import quantize
 from engine import budget_loss
-from models import build_model
+from models import build_model, dfs_resnet
 from quantize import QConv2d, fake_quantize
 
 import helpers
@@ -145,6 +146,29 @@ def test_input_range_shared_across_bitwidths_updates_buffers_per_call():
         running = 0.1 * running + 0.9 * lo
     for conv in (model.blocks[3].conv1, model.blocks[3].shortcut_conv):
         assert torch.equal(conv.running_min, running.to(DEVICE))
+
+
+def test_the_block_input_range_is_reduced_once_in_training_and_never_in_eval(monkeypatch):
+    """Training reduces a gated block's input range once for all its bitwidths and its projection
+    (the same values as once per conv); eval, even the mixed reference, uses the buffers only."""
+    model, _ = pair("default")
+    x, _ = images()
+    block_input, reduced = {}, []
+    model.blocks[3].register_forward_pre_hook(lambda m, a: block_input.setdefault("ptr", a[0].data_ptr()) and None)
+    real = quantize.input_range
+
+    def counting(t):
+        reduced.append(t.data_ptr())
+        return real(t)
+    monkeypatch.setattr(quantize, "input_range", counting)
+    monkeypatch.setattr(dfs_resnet, "input_range", counting)
+    model(x)
+    assert reduced.count(block_input["ptr"]) == 1
+    model.eval()
+    reduced.clear()
+    with torch.no_grad():
+        model(x, execution="mixed")
+    assert reduced == []
 
 
 def test_eval_weight_cache_follows_the_weight():

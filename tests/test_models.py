@@ -224,7 +224,7 @@ def test_decisions_shape_one_hot_eval(depth, gated):
     with torch.no_grad():
         logits, d = m(images(3))
     assert logits.shape == (3, 10)
-    assert d.shape == (3, gated, 7)
+    assert d.shape == (3, gated, 7) and d.dtype == logits.dtype  # float, as in training
     assert torch.all((d == 0) | (d == 1))
     assert torch.all(d.sum(-1) == 1)
 

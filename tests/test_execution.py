@@ -171,6 +171,20 @@ def test_the_block_input_range_is_reduced_once_in_training_and_never_in_eval(mon
     assert reduced == []
 
 
+@pytest.mark.parametrize("execution,calls", [("dynamic", 1), ("mixed", 6)])
+def test_eval_computes_only_the_chosen_option(execution, calls):
+    """§7: with every sample on 8 bits, dynamic eval runs each gated block's convs once (the
+    chosen option); the mixed reference runs them for all six options that have convs."""
+    model, _ = pair("default", pattern="8")
+    model.eval()
+    x, _ = images()
+    seen = []
+    model.blocks[2].conv1.register_forward_hook(lambda m, a, out: seen.append(1))
+    with torch.no_grad():
+        model(x, execution=execution)
+    assert len(seen) == calls
+
+
 def test_eval_weight_cache_follows_the_weight():
     conv = QConv2d(4, 6, 3, padding=1, bias=False).to(DEVICE).eval()
     with torch.no_grad():

@@ -357,11 +357,11 @@ def test_dynamic_equals_mixed_float32():
 
 def test_bad_execution_and_force_option():
     m = build("dfs_resnet20")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"execution must be one of \('dynamic', 'mixed'\), got 'fast'"):
         m(images(2), execution="fast")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"force_option must be in 0\.\.6, got 7"):
         m(images(2), force_option=7)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"force_option must be in 0\.\.6, got -1"):
         m(images(2), force_option=-1)
 
 

@@ -169,6 +169,28 @@ def test_stochastic_rounding():
 # --------------------------------------------------------------------------- QConv2d
 
 
+def test_a_python_float_range_is_taken_in_the_tensors_dtype():
+    """In float64, lo = 0.1 and hi = 0.7 stay float64 (not rounded through fp32 first)."""
+    x = torch.linspace(-0.2, 1.0, 1001, dtype=torch.float64, device=DEVICE)
+    out = fake_quantize(x, 8, 0.1, 0.7)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference_fq(x, 8, 0.1, 0.7), rtol=0, atol=0)
+    assert out.min().item() == 0.1  # the float64 0.1 itself, not float32(0.1) = 0.100000001...
+
+
+def test_qconv_quantized_path_keeps_bias_dilation_and_groups():
+    """A QConv2d with a bias, dilation 2 and 2 groups (none in the ResNets, all Conv2d features)."""
+    torch.manual_seed(3)
+    conv = QConv2d(4, 6, 3, 1, 2, dilation=2, groups=2, bias=True).to(DEVICE).train()
+    x = torch.randn(2, 4, 9, 9, device=DEVICE)
+    v = x.flatten(1)
+    lo, hi = v.min(1).values.mean(), v.max(1).values.mean()
+    w = conv.weight.detach()
+    expected = F.conv2d(reference_fq(x, 8, lo, hi), reference_fq(w, 8, w.min(), w.max()), conv.bias,
+                        1, 2, 2, 2)
+    torch.testing.assert_close(conv(x, 8), expected, rtol=1e-5, atol=1e-5)
+
+
 def make_conv(cin=3, cout=5, k=3, stride=1, padding=1, seed=0, **kw):
     torch.manual_seed(seed)
     return QConv2d(cin, cout, k, stride, padding, bias=False, **kw).to(DEVICE)

@@ -4,13 +4,13 @@
 # engine's loss and schedule, runs the fast in-process tests on each, and reports the survivors.
 #
 #   .venv/bin/pip install -r requirements-dev.txt     # once
-#   bash scripts/mutation.sh            # the core scope (about 500 mutants; tests/README.md has the last score)
+#   bash scripts/mutation.sh            # the core scope (636 mutants; tests/README.md has the last score)
 #   bash scripts/mutation.sh full       # quantize.py, every function of models/, the engine's loss and schedule
 #   bash scripts/mutation.sh 'models.gate.*'   # any mutmut name globs
 #   bash scripts/mutation.sh score [SCOPE]     # only print the score of what has been run
 #
 # Results are cached in mutants/ (git-ignored): a run that is stopped continues where it left off.
-# Runs nice'd on one worker (JOBS=2 for two); `.venv/bin/mutmut show NAME` shows a survivor's diff.
+# Runs nice'd on one worker (JOBS=2 for two: faster, but it reported a few spurious kills, see tests/README.md); `.venv/bin/mutmut show NAME` shows a survivor's diff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MUTMUT=.venv/bin/mutmut

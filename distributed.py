@@ -29,6 +29,11 @@ def is_main():
     return rank() == 0
 
 
+def error_prefix():
+    """'(process R) ' before an error message under torchrun, where any process may report one."""
+    return f"(process {rank()}) " if world_size() > 1 else ""
+
+
 def init(device):
     """Join torchrun's process group when it started several processes; returns this process's device.
 

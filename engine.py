@@ -593,8 +593,7 @@ def main(stage, argv=None):
             return run_stage(stage, args, given_args(stage, argv))
         except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
             # every process says it: under torchrun a file or a GPU may be missing on one machine only
-            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
-            print(f"error: {who}{e}", file=sys.stderr)
+            print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
             return 2
         except TrainingError as e:
             if distributed.is_main():  # every process stops here together

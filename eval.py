@@ -137,8 +137,7 @@ def main(argv=None):
         try:
             records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
         except (CheckpointError, data.DatasetError) as e:
-            who = f"(process {distributed.rank()}) " if distributed.world_size() > 1 else ""
-            print(f"error: {who}{e}", file=sys.stderr)
+            print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
             return 2
         if not distributed.is_main():  # process 0 alone prints the table and writes
             return 0

@@ -64,7 +64,7 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "args")
+RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "args")
 
 
 def export_weights(src, dst):

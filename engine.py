@@ -116,6 +116,11 @@ def build_parser(stage):
         p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
         p.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding (departs from the paper)")
+        if stage.name == "dfs":
+            p.add_argument("--policy", default=None,
+                           help="a static network instead of the gate (a baseline, not the paper's): one option "
+                                "per gated block, e.g. 8,8,skip,16,... or a JSON file of option names; "
+                                "one name applies to every block")
         p.add_argument("--execution", choices=["dynamic", "mixed"], default="dynamic",
                        help="training forward (same numbers either way): dynamic back-propagates only "
                             "through the options some sample chose (one host sync per block); mixed "
@@ -149,7 +154,7 @@ RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": 
                 "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
                 "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
                 "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
-                "stochastic_act_rounding": "--stochastic-act-rounding"}
+                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy"}
 
 
 def keep_run_settings(args, saved, given, where):
@@ -193,12 +198,29 @@ def validate_args(stage, args):
     if stage.gated:
         if args.options is not None:
             args.options = list(parse_options(args.options))
+        if getattr(args, "policy", None) is not None:
+            args.policy = read_policy(args.policy)
         if not 0 < args.target_cp <= 100:
             raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
     try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
+
+
+def read_policy(spec):
+    """--policy's option names: a comma list, or a JSON file holding a list (or {"policy": [...]})."""
+    if not isinstance(spec, str) or not spec.endswith(".json"):
+        return [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    try:
+        with open(spec) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--policy {spec}: cannot read a JSON policy ({getattr(e, 'strerror', None) or e})")
+    value = value.get("policy") if isinstance(value, dict) else value
+    if not isinstance(value, list):
+        raise ValueError(f"--policy {spec}: expected a list of option names (or {{\"policy\": [...]}})")
+    return [str(v) for v in value]
 
 
 def seed_everything(seed):
@@ -229,12 +251,17 @@ def split_output(out):
 
 
 @torch.no_grad()
-def evaluate(model, batches):
+def evaluate(model, batches, force=None, per_image=False):
     """Top-1 accuracy, loss, computation percentage and per-block decision distribution.
 
     With several processes each evaluates its share of `batches` and the sums are added up, the
     counts exactly (int64, and float64 for the decision counts), so the figures are one process's.
+    force: [N, G] option indices, one row per image of `batches` in order, run instead of the
+    gate's choices (one process). per_image: also return `correct` [N] (bool) and, for a gated
+    model, `choices` [N, G] (one process).
     """
+    if (force is not None or per_image) and distributed.world_size() > 1:
+        raise UserError("per-image evaluation (controls, significance) runs in one process")
     was_training = model.training
     model.eval()
     device, gated = next(model.parameters()).device, hasattr(model, "options")
@@ -242,16 +269,28 @@ def evaluate(model, batches):
     loss = torch.zeros((), dtype=torch.float64, device=device)
     if gated:  # [G, O]: how many samples chose each option at each gated block
         usage = torch.zeros(len(model.gate_embeds), len(model.options), dtype=torch.float64, device=device)
+    hits, choices = [], []
     for x, y in batches:
-        logits, decisions = split_output(model(x))
-        correct += (logits.argmax(1) == y).sum()
+        kwargs = {} if force is None else {"force_option": force[n:n + len(y)]}
+        logits, decisions = split_output(model(x, **kwargs))
+        hit = logits.argmax(1) == y
+        correct += hit.sum()
         loss += F.cross_entropy(logits, y, reduction="sum").double()
         n += len(y)
         if gated:
             usage += decisions.sum(0).double()
+        if per_image:
+            hits.append(hit.cpu())
+            choices.append(decisions.argmax(2).cpu() if gated else None)
+    if force is not None and n != len(force):
+        raise ValueError(f"force has {len(force)} rows for {n} images")
     model.train(was_training)
     correct, n = distributed.all_sum(torch.stack([correct, correct.new_tensor(n)])).tolist()
     stats = {"acc": 100 * correct / n, "loss": float(distributed.all_sum(loss)) / n, "num_samples": n}
+    if per_image:
+        stats["correct"] = torch.cat(hits)
+        if gated:
+            stats["choices"] = torch.cat(choices)
     if gated:
         # Every figure is linear in the decisions, so the mean over samples gives them all.
         dist = distributed.all_sum(usage) / n  # per block, the share of samples that chose each option
@@ -288,9 +327,13 @@ def format_report(stats, option_names=None):
 def build_from_checkpoint(stage, args, ckpt):
     """Build the model for this stage and load weights; returns (model, continuing)."""
     options = args.options if stage.gated else None
+    policy = getattr(args, "policy", None)
     if ckpt is None:
-        return build_model(args.arch, data.NUM_CLASSES[args.dataset], options,
-                           getattr(args, "stochastic_act_rounding", False)), False
+        try:
+            return build_model(args.arch, data.NUM_CLASSES[args.dataset], options,
+                               getattr(args, "stochastic_act_rounding", False), policy), False
+        except ValueError as e:
+            raise UserError(f"--policy: {e}")
     where = args.resume
     canonical = resolve_name(args.arch)[0]
     if ckpt["arch"].replace("dfs_", "") != canonical.replace("dfs_", ""):
@@ -309,8 +352,15 @@ def build_from_checkpoint(stage, args, ckpt):
         expected = f"a '{stage.parent}' checkpoint to start from or " if stage.parent else ""
         raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
                         f"{expected}a '{stage.name}' checkpoint to continue")
-    model = build_model(args.arch, ckpt["num_classes"], options,
-                        getattr(args, "stochastic_act_rounding", False))
+    if continuing or testing:
+        policy = ckpt.get("policy")
+    elif ckpt.get("policy") is not None:
+        raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
+    try:
+        model = build_model(args.arch, ckpt["num_classes"], options,
+                            getattr(args, "stochastic_act_rounding", False), policy)
+    except ValueError as e:
+        raise UserError(f"--policy: {e}")
     try:
         if stage.gated and not is_gated(ckpt["arch"]):
             model.load_backbone(ckpt["model"])
@@ -365,6 +415,7 @@ class Run:
                 "step": self.step, "best_acc": self.best_acc, "stage": self.stage.name,
                 "arch": resolve_name(self.args.arch)[0], "num_classes": model.num_classes,
                 "options": list(model.options) if self.stage.gated else None,
+                "policy": model.policy_names() if self.stage.gated else None,
                 "args": vars(self.args), "data_state": self.train_batches.state_dict(),
                 "rng": rng_state(), "world_size": distributed.world_size(),
                 **({"rng_by_rank": distributed.all_gather(rng_state())} if distributed.world_size() > 1 else {})}
@@ -556,6 +607,9 @@ def run_stage(stage, args, given=frozenset()):
     except ValueError as e:
         raise UserError(str(e))
     trainable = list(stage.trainable(model))
+    if stage.gated:  # a static policy runs neither the gate nor its skipped blocks
+        unused = {id(p) for p in model.unused_parameters()}
+        trainable = [p for p in trainable if id(p) not in unused]
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)

@@ -18,8 +18,9 @@ import torch
 import data
 import distributed
 from checkpoint import CheckpointError, load_checkpoint
-from engine import evaluate, format_report
+from engine import UserError, evaluate, format_report
 from models import build_model
+from significance import pack_bits
 
 
 def load_model(path, device):
@@ -28,7 +29,7 @@ def load_model(path, device):
     saved_args = ckpt.get("args") or {}
     try:
         model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("options"),
-                            bool(saved_args.get("stochastic_act_rounding", False)))
+                            bool(saved_args.get("stochastic_act_rounding", False)), ckpt.get("policy"))
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} does not hold a valid {ckpt['arch']}: {str(e).splitlines()[0][:200]}")
@@ -43,15 +44,52 @@ def evaluate_checkpoint(path, args):
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
     batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
                                 device=args.device, rank=distributed.rank(), world_size=distributed.world_size())
-    stats = evaluate(model, batches)
+    per_image = args.per_image or args.controls
+    stats = evaluate(model, batches, per_image=per_image)
     if distributed.is_main():
         print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
-    return {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
+    record = {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
             "option_names": getattr(model, "option_names", ["full"]),
             "decision_distribution": stats.get("decision_distribution"),
             "bitops_percentage": stats.get("bitops_percentage", 100.0),
             "num_samples": stats["num_samples"], "checkpoint": path, "arch": ckpt["arch"],
             "dataset": dataset, "stage": ckpt["stage"], "step": ckpt["step"]}
+    if getattr(model, "policy", None) is not None:
+        record["policy"] = model.policy_names()
+    if per_image:
+        record["correct_bits"] = pack_bits(stats["correct"])
+    if args.controls:
+        if "choices" not in stats or model.policy is not None:
+            raise UserError(f"--controls needs a gated network; {path} has no gate to control")
+        record["control_seed"] = args.control_seed
+        record["controls"] = {name: control_record(model, batches, force, name)
+                              for name, force in controls(stats["choices"], args.control_seed).items()}
+    return record
+
+
+def controls(choices, seed):
+    """Decisions without the input dependence, from the gate's own [N, G] choices.
+
+    shuffled: each block's decisions permuted across the images (its own seeded permutation),
+    so every block keeps its option counts and the computation percentage is exactly the same.
+    majority: every image takes each block's most frequent option (ties: the cheaper, earlier one).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.stack([col[torch.randperm(len(col), generator=g)] for col in choices.T], 1)
+    majority = torch.stack([torch.bincount(col, minlength=int(choices.max()) + 1).argmax() for col in choices.T])
+    return {"shuffled": shuffled, "majority": majority.expand_as(choices).contiguous()}
+
+
+def control_record(model, batches, force, name):
+    """Evaluate with forced per-image decisions; the record of one control."""
+    stats = evaluate(model, batches, force=force, per_image=True)
+    print(f"-- control {name}: top-1 {stats['acc']:.2f} %, computation {stats['computation_percentage']:.2f} %")
+    record = {"accuracy": stats["acc"], "computation_percentage": stats["computation_percentage"],
+              "bitops_percentage": stats["bitops_percentage"], "decision_distribution": stats["decision_distribution"],
+              "correct_bits": pack_bits(stats["correct"])}
+    if name == "majority":
+        record["policy"] = [model.option_names[k] for k in force[0].tolist()]
+    return record
 
 
 def table(records):
@@ -90,6 +128,17 @@ def plot_accuracy(records, path):
     plt.close(fig)
 
 
+def option_colour(name):
+    """One fixed colour per option name in every plot: skip light grey, full black, b bits by b."""
+    import matplotlib
+    if name == "skip":
+        return "#c8c8c8"
+    if name == "full":
+        return "#000000"
+    bits = int(name.removesuffix("-bit"))
+    return matplotlib.colormaps["viridis_r"](min(bits, 16) / 16 * 0.9)
+
+
 def plot_decisions(gated, path):
     """Per gated record, the share of images choosing each option in every block (stacked bars)."""
     if not gated:
@@ -101,7 +150,7 @@ def plot_decisions(gated, path):
         blocks = range(2, len(dist) + 2)  # paper numbering: block 1 is never gated
         bottom = torch.zeros(len(dist))
         for k, name in enumerate(r["option_names"]):
-            ax.bar(blocks, dist[:, k], bottom=bottom, label=name, width=0.8)
+            ax.bar(blocks, dist[:, k], bottom=bottom, label=name, width=0.8, color=option_colour(name))
             bottom += dist[:, k]
         ax.set(ylabel="% of images", ylim=(0, 100), xticks=list(blocks),
                title=f"{r['arch']}: {r['computation_percentage']:.1f} % computation, {r['accuracy']:.2f} % top-1")
@@ -123,6 +172,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the results here (a list when several checkpoints)")
     p.add_argument("--plot-dir", help="write the PNG plots here (default with several checkpoints: eval_plots)")
+    p.add_argument("--per-image", action="store_true",
+                   help="store which images each model got right (for significance.py), one process")
+    p.add_argument("--controls", action="store_true",
+                   help="also evaluate the gate's decisions shuffled across images per block, and each "
+                        "block's majority option for every image (implies --per-image)")
+    p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled control")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
@@ -136,7 +191,7 @@ def main(argv=None):
             p.error(str(e))
         try:
             records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
-        except (CheckpointError, data.DatasetError) as e:
+        except (CheckpointError, data.DatasetError, UserError) as e:
             print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
             return 2
         if not distributed.is_main():  # process 0 alone prints the table and writes

@@ -38,6 +38,27 @@ def parse_options(spec):
     return tuple(options)
 
 
+def parse_policy(spec, options, num_blocks):
+    """A static policy as option indices, one per gated block; raises ValueError on bad input.
+
+    spec: "8,8,skip,16,..." or a sequence, one option per gated block (a single one applies to
+    every block); each item as in `parse_options` ("8" or "8-bit", "skip", "full"), and among `options`.
+    """
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    items = [str(i).lower().removesuffix("-bit") for i in items]
+    if len(items) == 1:
+        items = items * num_blocks
+    if len(items) != num_blocks:
+        raise ValueError(f"a policy names one option per gated block: {num_blocks} expected, got {len(items)}")
+    policy = []
+    for item in items:
+        option = parse_options([item])[0]
+        if option not in options:
+            raise ValueError(f"policy option {item!r} is not among the model's options {option_names(options)}")
+        policy.append(options.index(option))
+    return tuple(policy)
+
+
 def option_bits(option):
     """Bitwidth passed to the block: an int, or None for full precision (skip has no bits)."""
     return None if option == "full" else option

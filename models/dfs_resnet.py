@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from models.cost import (computation_percentage, option_bits, option_costs, option_names,
-                         parse_options)
+                         parse_options, parse_policy)
 from models.gate import GateEmbedding, LSTMGate
 from models.resnet import CifarResNet, init_weights
 from quantize import input_range
@@ -58,12 +58,16 @@ class DFSResNet(CifarResNet):
     forward(x, execution="dynamic"|"mixed", force_option=None) -> (logits [B, classes],
     decisions [B, 3n-1, options]). Shares parameter names with `CifarResNet`, so a stage-1
     state dict loads with only the gate's parameters missing (`load_backbone`).
+
+    policy: a static network (not the paper's; a baseline): one option per gated block for
+    every input (e.g. ("skip", 8, 8, ...)), the gate unused. `forward` then runs it by default.
     """
 
-    def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False):
+    def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None):
         super().__init__(depth, num_classes, stochastic_act_rounding)
         self.options = parse_options(options)
         self.option_names = option_names(self.options)
+        self.policy = None if policy is None else parse_policy(policy, self.options, len(self.blocks) - 1)
         self.quantized = any(not isinstance(o, str) for o in self.options)  # some option has bits
         self.gate_embeds = nn.ModuleList(GateEmbedding(b.conv2.out_channels) for b in self.blocks[:-1])
         self.gate = LSTMGate(len(self.options))
@@ -146,31 +150,66 @@ class DFSResNet(CifarResNet):
         out = torch.cat([self.run_option(block, g, k) for k, g in enumerate(groups) if counts[k]])
         return torch.empty_like(out).index_copy_(0, order, out)
 
+    def forced_choices(self, force_option):
+        """None, [G] option indices (one per block, for every input) or a [B, G] tensor (per input)."""
+        num_options, blocks = len(self.options), len(self.gate_embeds)
+        if force_option is None or torch.is_tensor(force_option):
+            if torch.is_tensor(force_option) and force_option.shape[1:] != (blocks,):
+                raise ValueError(f"per-input force_option must be [batch, {blocks}], got {list(force_option.shape)}")
+            return force_option
+        per_block = [force_option] * blocks if isinstance(force_option, int) else list(force_option)
+        if len(per_block) != blocks:
+            raise ValueError(f"force_option needs one index per gated block ({blocks}), got {len(per_block)}")
+        for k in per_block:
+            if not (isinstance(k, int) and 0 <= k < num_options):
+                raise ValueError(f"force_option must be in 0..{num_options - 1}, got {k}")
+        return per_block
+
     def forward(self, x, execution="dynamic", force_option=None):
         """execution: "dynamic" (default) computes, in eval, only the chosen options and, in
         training, back-propagates only through chosen options; "mixed" is the reference that
-        computes every option with autograd and mixes them (the released code's formulation)."""
+        computes every option with autograd and mixes them (the released code's formulation).
+
+        force_option (the gate is then not run): an option index for every block, one index per
+        gated block, or a [B, G] tensor of indices per input. Default: the static `policy`, if any.
+        """
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        num_options = len(self.options)
-        if force_option is not None and not 0 <= force_option < num_options:
-            raise ValueError(f"force_option must be in 0..{num_options - 1}, got {force_option}")
+        forced = self.forced_choices(force_option if force_option is not None else self.policy)
         x = self.blocks[0](self.stem(x))  # block 1 always runs at full precision
         state = self.gate.init_state(x.shape[0], x.device, x.dtype)
         decisions = []
-        for block, embed in zip(self.blocks[1:], self.gate_embeds):
-            if force_option is not None:
-                hard = x.new_zeros(x.shape[0], num_options)
-                hard[:, force_option] = 1
-                x = self.run_option(block, x, force_option)
-            else:
+        for g, (block, embed) in enumerate(zip(self.blocks[1:], self.gate_embeds)):
+            if isinstance(forced, list):  # one option for the whole batch: run it alone
+                hard = x.new_zeros(x.shape[0], len(self.options))
+                hard[:, forced[g]] = 1
+                x = self.run_option(block, x, forced[g])
+                decisions.append(hard)
+                continue
+            if forced is None:
                 _, hard, state = self.gate(embed(x), state)
-                if self.training or execution == "mixed":
-                    x = self.run_all(block, x, hard, sparse=self.training and execution == "dynamic")
-                else:
-                    x = self.run_dynamic(block, x, hard)
+            else:
+                hard = torch.nn.functional.one_hot(forced[:, g].to(x.device), len(self.options)).to(x.dtype)
+            if self.training or execution == "mixed":
+                x = self.run_all(block, x, hard, sparse=self.training and execution == "dynamic")
+            else:
+                x = self.run_dynamic(block, x, hard)
             decisions.append(hard)
         return self.head(x), torch.stack(decisions, 1)
+
+    def policy_names(self):
+        """The static policy as option names, one per gated block (None for the gated network)."""
+        return None if self.policy is None else [self.option_names[k] for k in self.policy]
+
+    def unused_parameters(self):
+        """Parameters a static policy never uses: the gate's, and the convs and BNs of skipped blocks."""
+        if self.policy is None:
+            return []
+        unused = [*self.gate.parameters(), *self.gate_embeds.parameters()]
+        for block, k in zip(self.blocks[1:], self.policy):
+            if self.options[k] == "skip":
+                unused += [p for n, p in block.named_parameters() if not n.startswith("shortcut_")]
+        return unused
 
     def gate_keys(self):
         """State-dict keys that belong to the gate (absent from a stage-1 backbone)."""

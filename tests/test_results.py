@@ -58,8 +58,17 @@ def test_a_released_checkpoint_reproduces_its_record(name, tmp_path):
     out = tmp_path / "r.json"
     assert evaluation.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu",
                             "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
-    got = json.loads(out.read_text())
-    assert got["accuracy"] == record["accuracy"]
-    assert got["computation_percentage"] == record["computation_percentage"]
-    assert got["bitops_percentage"] == record["bitops_percentage"]
-    assert got["decision_distribution"] == record["decision_distribution"]
+    assert_reproduces(json.loads(out.read_text()), record)
+
+
+def assert_reproduces(got, record):
+    """Exact on the machine that made the record. On another CPU the conv kernels (e.g. AVX-512/AMX
+    against AVX2) round differently at the ulp level, which can move a value across a quantization
+    step and flip a gate decision near a tie: measured on a Sapphire Rapids VM for dfs_cp20_s0,
+    computation percentage 19.79219 against the record's 19.79242, accuracy equal. So: accuracy
+    within 2 images of 10,000, and decisions within 0.2 % of the images per block."""
+    assert abs(got["accuracy"] - record["accuracy"]) <= 0.02
+    assert abs(got["computation_percentage"] - record["computation_percentage"]) <= 0.01
+    assert abs(got["bitops_percentage"] - record["bitops_percentage"]) <= 0.01
+    for a, b in zip(got["decision_distribution"], record["decision_distribution"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 0.002

@@ -1,0 +1,159 @@
+"""Find a static per-block policy at a target computation percentage, on the validation split only.
+
+    python search_policy.py CKPT --target 2.5 --out policy.json
+
+A baseline for the study of whether DFS's per-input choice matters (not part of the paper). CKPT
+is a gated checkpoint trained with --val-size N; its options, dataset and held-out split are
+read from it, and the test set is never touched. The search:
+
+1. Sensitivity: the validation accuracy of the reference policy (every block at its most expensive
+   option) and of every policy that changes one block to one other option (G x (O - 1) + 1 evaluations).
+2. Knapsack: assuming the accuracy drops add up, for every reachable total cost in the window
+   [target - window, target] the policies with the least predicted drop (exact dynamic programming
+   over costs in units of 1/1024 of a block, where b bits cost b^2 units).
+3. Verification: the `--verify` best predicted policies are evaluated; the most accurate one is written.
+
+Before every evaluation the model's BN and activation-range statistics are recalibrated for that
+policy on the same `--calibrate-batches` training batches (from the checkpoint's weights), since
+the statistics of one policy are wrong for another. The output JSON holds the policy (option names,
+one per gated block, for `train_dfs.py --policy FILE`), its cost and accuracy and every evaluation.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+import data
+from checkpoint import CheckpointError
+from engine import evaluate
+
+UNITS = 1024  # a block's cost in units: skip 0, b bits b^2, full 1024 = 32^2
+
+
+def option_units(options):
+    """Integer cost of each option, in 1/1024 of a full-precision block."""
+    return [0 if o == "skip" else UNITS if o == "full" else o * o for o in options]
+
+
+def policy_units(policy, units):
+    return sum(units[k] for k in policy)
+
+
+def percentage(policy, units):
+    """The computation percentage of a static policy."""
+    return 100.0 * policy_units(policy, units) / (UNITS * len(policy))
+
+
+def knapsack(drops, units, lo, hi, keep=1):
+    """The `keep` policies of least summed drop for each total cost in [lo, hi]: {total: [(drop, policy)]}.
+
+    drops[g][k]: predicted accuracy drop of option k at block g. Exact: DP over blocks and totals.
+    """
+    best = {0: [(0.0, ())]}
+    for row in drops:
+        nxt = {}
+        for total, entries in best.items():
+            for k, d in enumerate(row):
+                if total + units[k] <= hi:
+                    nxt.setdefault(total + units[k], []).extend((drop + d, policy + (k,)) for drop, policy in entries)
+        best = {t: sorted(entries)[:keep] for t, entries in nxt.items()}
+    return {t: v for t, v in best.items() if lo <= t}
+
+
+def search(accuracy, units, num_blocks, target, window=0.2, verify=5):
+    """The static policy of highest measured accuracy whose percentage lies in [target - window, target].
+
+    accuracy(policy tuple) -> validation accuracy. Returns (policy, accuracy, log of evaluations).
+    Raises ValueError when no policy's cost lies in the window.
+    """
+    log = {}
+
+    def measure(policy):
+        if policy not in log:
+            log[policy] = accuracy(policy)
+        return log[policy]
+
+    top = max(range(len(units)), key=lambda k: units[k])
+    reference = (top,) * num_blocks
+    base = measure(reference)
+    drops = [[0.0 if k == top else base - measure(reference[:g] + (k,) + reference[g + 1:])
+              for k in range(len(units))] for g in range(num_blocks)]
+    scale = UNITS * num_blocks / 100.0
+    lo, hi = int(-(-(target - window) * scale // 1)), int(target * scale + 1e-9)
+    candidates = sorted(c for entries in knapsack(drops, units, lo, hi, verify).values() for c in entries)[:verify]
+    if not candidates:
+        raise ValueError(f"no static policy costs between {target - window:g} and {target:g} %")
+    _, _, best = max((measure(policy), -i, policy) for i, (_, policy) in enumerate(candidates))
+    return best, log[best], log
+
+
+def make_accuracy(model, calibration, val_batches):
+    """accuracy(policy): recalibrate BN and range statistics for the policy, then validation top-1."""
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    num_images = sum(len(y) for _, y in val_batches)
+    momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def accuracy(policy):
+        model.load_state_dict(start)
+        model.train()
+        for bn in norms:  # a plain average over the calibration batches, not a running one
+            bn.reset_running_stats()
+            bn.momentum = None
+        with torch.no_grad():
+            for x, _ in calibration:
+                model(x, force_option=list(policy))
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        force = torch.tensor(policy).expand(num_images, len(policy))
+        return evaluate(model, val_batches, force=force)["acc"]
+
+    return accuracy
+
+
+def main(argv=None):
+    import eval as evaluation
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a gated checkpoint trained with --val-size")
+    p.add_argument("--target", type=float, required=True, help="computation percentage to reach, in (0, 100]")
+    p.add_argument("--window", type=float, default=0.2, help="accept costs in [target - window, target]")
+    p.add_argument("--out", required=True, help="the policy JSON to write")
+    p.add_argument("--verify", type=int, default=5, help="how many predicted-best policies to evaluate")
+    p.add_argument("--calibrate-batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not 0 < args.target <= 100:
+        p.error(f"--target must be in (0, 100], got {args.target}")
+    try:
+        model, ckpt = evaluation.load_model(args.checkpoint, args.device)
+        saved = ckpt.get("args") or {}
+        if not hasattr(model, "options") or not saved.get("val_size"):
+            raise CheckpointError(f"{args.checkpoint}: the search needs a gated checkpoint trained with --val-size")
+        train, val, _ = data.build_batches(saved["dataset"], args.data_dir, args.batch_size, val_size=saved["val_size"],
+                                           seed=saved.get("seed", 0), device=args.device)
+        stream = data.infinite(train)
+        calibration = [next(stream) for _ in range(args.calibrate_batches)]
+        units = option_units(model.options)
+        accuracy = make_accuracy(model, calibration, val)
+        policy, acc, log = search(accuracy, units, len(model.gate_embeds), args.target, args.window, args.verify)
+    except (CheckpointError, data.DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = [model.option_names[k] for k in policy]
+    record = {"policy": names, "computation_percentage": percentage(policy, units), "val_accuracy": acc,
+              "target": args.target, "checkpoint": args.checkpoint,
+              "evaluations": [{"policy": [model.option_names[k] for k in p], "val_accuracy": a,
+                               "computation_percentage": percentage(p, units)} for p, a in log.items()]}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"policy {','.join(names)}: computation {record['computation_percentage']:.2f} %, "
+          f"val top-1 {acc:.2f} % ({len(log)} evaluations) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The static-vs-dynamic study's tools: static policies, the policy search, eval's controls, significance.
+
+None of these is part of the paper; they are the baselines and statistics a sceptical reader asks
+for (does choosing per input beat a fixed network of the same cost?).
+"""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import engine
+import eval as evaluation
+import search_policy
+import significance
+import train_base
+import train_dfs
+import train_gate_init
+from checkpoint import load_checkpoint
+from helpers import DEVICE, images, randomize_bn, spread_gate
+from models import build_model, parse_policy
+
+PAPER = ("skip", 8, 16, "full")
+POLICY = ("skip", 8, 16, "full", 8, 8, "skip", "full")  # 8 gated blocks of a ResNet-20
+
+
+def by_hand(model, x, policy):
+    """The static network written out: each gated block runs its option, independently of forward()."""
+    x = model.blocks[0](model.stem(x))
+    for block, option in zip(model.blocks[1:], policy):
+        x = block.shortcut(x) if option == "skip" else block(x, None if option == "full" else option)
+    return model.head(x)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_static_policy_forward_equals_each_block_forced(training):
+    torch.manual_seed(0)
+    gated = build_model("dfs_resnet20", options=PAPER).to(DEVICE)
+    randomize_bn(gated)
+    static = build_model("dfs_resnet20", options=PAPER, policy=POLICY).to(DEVICE)
+    static.load_state_dict(gated.state_dict())
+    for m in (gated, static):
+        m.train(training)
+    x = images(6)
+    reference = by_hand(gated, x, POLICY)
+    logits, decisions = static(x)
+    indices = [PAPER.index(o) for o in POLICY]
+    assert torch.equal(logits, reference)
+    assert torch.equal(decisions.argmax(2), torch.tensor(indices, device=DEVICE).expand(6, 8))
+    # the same policy given per input to the gated network (its grouped or mixed path)
+    per_input = gated(x, force_option=torch.tensor(indices).expand(6, 8))[0]
+    assert torch.allclose(per_input, reference, atol=1e-5)
+    assert torch.equal(gated(x, force_option=indices)[0], reference)
+
+
+def test_static_policy_computation_percentage_by_hand():
+    static = build_model("dfs_resnet20", options=PAPER, policy=POLICY)
+    _, decisions = static.eval()(images(3))
+    # costs 0, 1/16, 1/4, 1, 1/16, 1/16, 0, 1: sum 2.4375 over 8 blocks = 30.46875 %
+    assert static.computation_percentage(decisions).item() == 30.46875
+    assert static.policy_names() == ["skip", "8-bit", "16-bit", "full", "8-bit", "8-bit", "skip", "full"]
+
+
+def test_parse_policy():
+    assert parse_policy("8-bit", PAPER, 3) == (1, 1, 1)
+    assert parse_policy(["skip", "16", "full"], PAPER, 3) == (0, 2, 3)
+    with pytest.raises(ValueError, match="3 expected, got 2"):
+        parse_policy("8,16", PAPER, 3)
+    with pytest.raises(ValueError, match=r"'4' is not among the model's options"):
+        parse_policy("4,8,8", PAPER, 3)
+    with pytest.raises(ValueError, match="unknown option 'x'"):
+        parse_policy("x,8,8", PAPER, 3)
+
+
+def stages(tmp_path, options="skip,8,full"):
+    """Stage 1 and 2 on synthetic data with a held-out split; returns the stage-2 checkpoint."""
+    common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--val-size", "64",
+              "--print-freq", "1"]
+    assert engine.main(train_base.STAGE, ["train", "resnet20", *common, "--iters", "2",
+                                          "--save-folder", str(tmp_path / "base")]) == 0
+    assert engine.main(train_gate_init.STAGE, [
+        "train", "dfs_resnet20", *common, "--iters", "1", "--options", options,
+        "--resume", str(tmp_path / "base" / "resnet20" / "model_best.pth.tar"),
+        "--save-folder", str(tmp_path / "gate")]) == 0
+    return str(tmp_path / "gate" / "dfs_resnet20" / "checkpoint_latest.pth.tar"), common
+
+
+def test_stage3_with_a_static_policy(tmp_path, capsys):
+    """train_dfs.py --policy FILE: the gate never trains, the backbone does, the checkpoint keeps the
+    policy, eval.py reports its exact cost, and a resume with another policy is refused."""
+    parent, common = stages(tmp_path)
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"policy": ["skip", "8-bit", "full", "8", "skip", "full", "full", "8"]}))
+    argv = ["train", "dfs_resnet20", *common, "--iters", "2", "--resume", parent,
+            "--policy", str(policy_file), "--save-folder", str(tmp_path / "static")]
+    assert engine.main(train_dfs.STAGE, argv) == 0
+    before, after = load_checkpoint(parent), load_checkpoint(str(tmp_path / "static/dfs_resnet20/checkpoint_latest.pth.tar"))
+    assert after["policy"] == ["skip", "8-bit", "full", "8-bit", "skip", "full", "full", "8-bit"]
+    for key, value in before["model"].items():
+        trained = not torch.equal(value, after["model"][key])
+        if key.startswith(("gate.", "gate_embeds.", "blocks.1.conv", "blocks.5.conv")):  # blocks 1, 5 skipped
+            assert not trained, key
+        elif key.endswith("weight") and key.startswith(("blocks.2.conv", "blocks.3.bn", "fc.")):
+            assert trained, key
+    out = tmp_path / "r.json"
+    assert evaluation.main([str(tmp_path / "static/dfs_resnet20/model_best.pth.tar"), "--dataset", "synthetic",
+                            "--device", "cpu", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["computation_percentage"] == 100 * (3 / 16 + 3) / 8  # three 8-bit, three full, two skipped
+    assert record["policy"] == after["policy"]
+    capsys.readouterr()
+    assert engine.main(train_dfs.STAGE, ["train", "dfs_resnet20", *common, "--iters", "3", "--policy", "8",
+                                         "--resume", str(tmp_path / "static/dfs_resnet20/checkpoint_latest.pth.tar"),
+                                         "--save-folder", str(tmp_path / "static")]) == 2
+    assert "--policy 8 differs from the run" in capsys.readouterr().err
+    assert engine.main(train_dfs.STAGE, ["train", "dfs_resnet20", *common, "--iters", "2", "--policy", "4",
+                                         "--resume", parent, "--save-folder", str(tmp_path / "bad")]) == 2
+    assert "'4' is not among the model's options" in capsys.readouterr().err
+
+
+def additive(drops, base=90.0, extra=None):
+    """A hand-made accuracy: base minus the summed per-block drops (plus `extra` penalties)."""
+    def accuracy(policy):
+        return base - sum(drops[g][k] for g, k in enumerate(policy)) - (extra or {}).get(policy, 0.0)
+    return accuracy
+
+
+# options skip, 4-bit, 8-bit: 0, 16, 64 units of 1/1024 block; 3 blocks = 3072 units
+UNITS = [0, 16, 64]
+DROPS = [[10.0, 1.0, 0.0], [0.5, 0.2, 0.0], [5.0, 0.1, 0.0]]
+
+
+def test_search_finds_the_hand_worked_policy():
+    # target 96 units = 3.125 %, window 0.2 % (6.1 units): totals 90..96 are (8,4,4), (4,8,4), (4,4,8),
+    # with summed drops 0.3, 1.1, 1.2
+    policy, acc, log = search_policy.search(additive(DROPS), UNITS, 3, 3.125)
+    assert policy == (2, 1, 1) and acc == pytest.approx(89.7)
+    assert len(log) == 1 + 3 * 2 + 3  # the reference, every single change, and the three in the window
+    assert search_policy.percentage(policy, UNITS) == 3.125
+
+
+def test_search_verifies_what_the_sum_predicts():
+    # (8,4,4) is predicted best, but measured 5 points worse: the next prediction, (4,8,4), wins
+    policy, acc, _ = search_policy.search(additive(DROPS, extra={(2, 1, 1): 5.0}), UNITS, 3, 3.125)
+    assert policy == (1, 2, 1) and acc == pytest.approx(88.9)
+    with pytest.raises(ValueError, match="no static policy costs between"):
+        search_policy.search(additive(DROPS), UNITS, 3, 0.3, window=0.1)  # 9.2 units: only 0 fits
+
+
+def test_knapsack_is_exact():
+    best = search_policy.knapsack(DROPS, UNITS, 0, 200, keep=2)
+    for total, entries in best.items():  # brute force over all 27 policies
+        same = [p for p in itertools.product(range(3), repeat=3) if sum(UNITS[k] for k in p) == total]
+        drops = sorted(sum(DROPS[g][k] for g, k in enumerate(p)) for p in same)[:2]
+        assert [d for d, _ in entries] == pytest.approx(drops)
+        assert all(sum(DROPS[g][k] for g, k in enumerate(p)) == pytest.approx(d) for d, p in entries)
+    assert sorted(best) == sorted({sum(UNITS[k] for k in p) for p in itertools.product(range(3), repeat=3)
+                                   if sum(UNITS[k] for k in p) <= 200})
+
+
+def test_search_command_end_to_end(tmp_path):
+    parent, _ = stages(tmp_path, options="skip,4,8")
+    out = tmp_path / "policy.json"
+    assert search_policy.main([parent, "--target", "3", "--window", "1", "--out", str(out), "--device", "cpu",
+                               "--batch-size", "32", "--calibrate-batches", "2", "--verify", "2"]) == 0
+    record = json.loads(out.read_text())
+    assert len(record["policy"]) == 8 and 2 <= record["computation_percentage"] <= 3
+    cp = 100 * sum({"skip": 0, "4-bit": 16, "8-bit": 64}[o] for o in record["policy"]) / (8 * 1024)
+    assert record["computation_percentage"] == cp
+    assert len(record["evaluations"]) >= 1 + 8 * 2
+    assert search_policy.main([str(tmp_path / "base/resnet20/model_best.pth.tar"), "--target", "3",
+                               "--out", str(out), "--device", "cpu"]) == 2
+
+
+def test_controls_keep_counts_and_majority_is_the_static_policy(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("dfs_resnet20", options=PAPER).to(DEVICE)
+    for seed in range(3):  # BN and range statistics from a few training forwards
+        model(images(8, seed=10 + seed))
+    spread_gate(model)
+    model.eval()
+    x, y = images(40), torch.randint(0, 10, (40,), device=DEVICE)
+    batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:], y[32:])]
+    real = engine.evaluate(model, batches, per_image=True)
+    choices = real["choices"]
+    assert len({tuple(c) for c in choices.tolist()}) > 1  # the gate does depend on the input
+    controls = evaluation.controls(choices, seed=3)
+    shuffled = controls["shuffled"]
+    assert not torch.equal(shuffled, choices)
+    for g in range(choices.shape[1]):
+        assert torch.equal(torch.bincount(shuffled[:, g], minlength=4), torch.bincount(choices[:, g], minlength=4))
+    assert torch.equal(evaluation.controls(choices, seed=3)["shuffled"], shuffled)  # seeded
+    stats = engine.evaluate(model, batches, force=shuffled, per_image=True)
+    assert torch.equal(stats["choices"], shuffled)
+    assert stats["computation_percentage"] == real["computation_percentage"]
+    majority = controls["majority"][0]
+    for g in range(choices.shape[1]):
+        assert torch.bincount(choices[:, g], minlength=4)[majority[g]] == torch.bincount(choices[:, g]).max()
+    forced = engine.evaluate(model, batches, force=controls["majority"], per_image=True)
+    static = build_model("dfs_resnet20", options=PAPER, policy=[PAPER[k] for k in majority.tolist()]).to(DEVICE)
+    static.load_state_dict(model.state_dict())
+    expected = engine.evaluate(static, batches, per_image=True)
+    assert torch.equal(forced["correct"], expected["correct"]) and forced["acc"] == expected["acc"]
+    assert forced["computation_percentage"] == expected["computation_percentage"]
+
+
+def test_eval_controls_and_significance_end_to_end(tmp_path, capsys):
+    parent, _ = stages(tmp_path)
+    out = tmp_path / "r.json"
+    assert evaluation.main([parent, "--dataset", "synthetic", "--device", "cpu", "--controls",
+                            "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["controls"]) == {"shuffled", "majority"}
+    assert record["controls"]["shuffled"]["computation_percentage"] == record["computation_percentage"]
+    n = record["num_samples"]
+    assert significance.correctness(record).sum().item() == round(record["accuracy"] * n / 100)
+    shuffled = tmp_path / "s.json"
+    shuffled.write_text(json.dumps({**record["controls"]["shuffled"], "num_samples": n}))
+    capsys.readouterr()
+    assert significance.main([str(out), str(shuffled)]) == 0
+    assert "McNemar exact p" in capsys.readouterr().out
+    plain = tmp_path / "plain.json"
+    assert evaluation.main([parent, "--dataset", "synthetic", "--device", "cpu", "--json", str(plain)]) == 0
+    assert significance.main([str(out), str(plain)]) == 2
+    assert "run eval.py --per-image" in capsys.readouterr().err
+
+
+def test_significance_by_hand():
+    a = torch.tensor([1, 1, 1, 0, 0, 1, 1, 0], dtype=torch.bool)
+    b = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    # A alone right at 1, 2, 6; B alone at 4: (3 - 1) / 8 = 25 points
+    assert significance.paired_difference(a, b) == (25.0, 3, 1)
+    # 4 discordant pairs, min 1: 2 * (C(4,0) + C(4,1)) / 2^4 = 10/16
+    assert significance.mcnemar_exact(a, b) == 0.625
+    assert significance.mcnemar_exact(a, a) == 1.0
+    # 10 discordant, all one way: 2 / 2^10
+    assert significance.mcnemar_exact(torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool)) == 2 / 1024
+    # t_{0.975, 2} = 4.302653 (tables); values 1, 2, 3: mean 2, sd 1
+    mean, lo, hi = significance.t_interval([1, 2, 3])
+    assert mean == 2 and hi - 2 == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5) and lo == pytest.approx(4 - hi)
+    assert significance.student_t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert significance.student_t_quantile(0.975, 10) == pytest.approx(2.2281, abs=1e-4)
+    bits = torch.tensor([True, False, True] * 7)
+    assert torch.equal(significance.unpack_bits(significance.pack_bits(bits), 21), bits)
+    with pytest.raises(ValueError, match="a t-interval needs at least two values"):
+        significance.t_interval([1.0])

@@ -6,10 +6,13 @@ model_best.pth.tar.
 """
 import io
 import os
+import sys
 import tempfile
 import warnings
 
 import torch
+
+import authors
 
 FORMAT = 1
 REQUIRED = {"model": dict, "stage": str, "arch": str, "num_classes": int, "step": int}  # key: type
@@ -48,7 +51,8 @@ def save_checkpoint(ckpt, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of this project (weights_only=True), or raise CheckpointError."""
+    """Read a checkpoint of this project, or of the authors' code (converted, with one line on
+    stderr saying what was imported), always with weights_only=True; else raise CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -56,15 +60,26 @@ def load_checkpoint(path, map_location="cpu"):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt bytes make the unpickler raise almost anything (IndexError, KeyError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, or not a checkpoint): {first[:200]}")
+        # Not torch's message: it ends in advice to load with weights_only=False, which must not be
+        # done with a file of unknown origin.
+        raise CheckpointError(f"{path} is not a checkpoint of this project or of the authors' code "
+                              f"(truncated, or another kind of file: {type(e).__name__})")
+    if authors.is_authors(ckpt):
+        try:
+            ckpt, note = authors.convert(ckpt, path)
+        except (ValueError, KeyError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(str(e).splitlines()[0] if isinstance(e, ValueError) else
+                                  f"{path} looks like the authors' checkpoint but does not fit their layout ({e})")
+        if os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr)
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), t) for k, t in REQUIRED.items()):
         expected = ", ".join(f"{k} ({t.__name__})" for k, t in REQUIRED.items())
-        raise CheckpointError(f"{path} is not a checkpoint of this project (expected a dict with {expected})")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected a dict with {expected}) "
+                              f"or of the authors' code")
     return ckpt
 
 
-RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "args")
+RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "model_config", "args")
 
 
 def export_weights(src, dst):

@@ -1,13 +1,13 @@
 """The training engine shared by the three DFS stages (spec/dfs.md §5-§6).
 
 A stage script states only what differs: where its weights come from, what trains, the
-loss and the schedule (a `Stage`); `main(stage)` does the rest: arguments, data, model,
-resume, the iteration loop, evaluation, checkpoints and logs.
+loss and the schedule (a `Stage`); `main(stage)` does the rest: data, model, resume, the
+iteration loop, evaluation, checkpoints and logs. The command line is `settings.py`'s,
+evaluation and rebuilding a model from a checkpoint `evaluation.py`'s.
 """
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -22,12 +22,10 @@ import data
 import distributed
 import runfolder
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models import build_model, is_gated, parse_options, resolve_name
+from evaluation import evaluate, format_report, model_config, model_from_config, split_output
+from models import is_gated, resolve_name
 from models.cost import cost_penalty
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported in one line with exit status 2."""
+from settings import UserError, continue_run, given_args, parse_args
 
 
 @dataclasses.dataclass
@@ -76,153 +74,6 @@ def budget_loss(args):
     return loss_fn
 
 
-def build_parser(stage):
-    """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags."""
-    p = argparse.ArgumentParser(description=f"DFS stage: {stage.name}")
-    p.add_argument("cmd", choices=["train", "test"])
-    p.add_argument("arch", help="e.g. resnet38, dfs_resnet38, cifar10_resnet_38, cifar10_rnn_gate_38")
-    p.add_argument("--dataset", choices=data.DATASETS, help="default: from the arch alias, else cifar10")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    p.add_argument("--val-size", type=int, default=0,
-                   help="hold out this many training images to select model_best (default: test set, as the authors)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--iters", type=int, default=stage.iters)
-    p.add_argument("--lr", type=float, default=stage.lr)
-    p.add_argument("--lr-steps", type=int, nargs="*", default=[32000, 48000])
-    p.add_argument("--step-ratio", type=float, default=0.1)
-    p.add_argument("--warm-up", action="store_true", help="lr 0.01 for the first 400 iterations")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--resume", default="", help="checkpoint of this stage (continue) or of the previous one (start)")
-    p.add_argument("--save-folder", default="save_checkpoints")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--print-freq", "--log-interval", type=int, default=100)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="ignored: data is held and augmented in memory")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="stage 1 under torchrun: batch-norm statistics over the global batch, not per "
-                        "process (departs from the authors' DataParallel; CUDA only)")
-    if stage.gated:
-        p.add_argument("--options", default=None,
-                       help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "
-                            "the checkpoint's, else 'default'")
-        p.add_argument("--target-cp", "--minimum", type=float, default=stage.target_cp,
-                       help="target computation percentage in (0, 100]")
-        p.add_argument("--cost-weight", "--beta", type=float, default=1e-5)
-        p.add_argument("--stochastic-act-rounding", action="store_true",
-                       help="the released code's dithered activation rounding (departs from the paper)")
-        if stage.name == "dfs":
-            p.add_argument("--policy", default=None,
-                           help="a static network instead of the gate (a baseline, not the paper's): one option "
-                                "per gated block, e.g. 8,8,skip,16,... or a JSON file of option names; "
-                                "one name applies to every block")
-        p.add_argument("--execution", choices=["dynamic", "mixed"], default="dynamic",
-                       help="training forward (same numbers either way): dynamic back-propagates only "
-                            "through the options some sample chose (one host sync per block); mixed "
-                            "keeps every option in the autograd graph (no sync; may pay on a GPU)")
-    return p
-
-
-def parse_args(stage, argv=None):
-    """Parsed and validated arguments (argparse's usage error and exit status 2 otherwise)."""
-    p = build_parser(stage)
-    args = p.parse_args(argv)
-    try:
-        validate_args(stage, args)
-    except ValueError as e:
-        p.error(str(e))
-    return args
-
-
-def given_args(stage, argv=None):
-    """Names of the arguments set on the command line, as opposed to left at their defaults."""
-    p = build_parser(stage)
-    unset = object()  # argparse fills in a default only where the namespace lacks the attribute
-    namespace = argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset))
-    return {name for name, value in vars(p.parse_args(argv, namespace=namespace)).items() if value is not unset}
-
-
-# What defines a run: continuing it takes these from its checkpoint (an explicitly given value
-# that differs is refused). --iters, --eval-every, --print-freq, --device, --data-dir, --download,
-# --workers, --execution and --save-folder may change; options are checked against the model's own.
-RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": "--batch-size",
-                "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
-                "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
-                "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
-                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy"}
-
-
-def keep_run_settings(args, saved, given, where):
-    """Continue a run with its own settings: take each from `saved` (its args), refuse a different one."""
-    def show(value):
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-    for name, flag in RUN_SETTINGS.items():
-        if name not in saved or not hasattr(args, name):
-            continue
-        if name in given and getattr(args, name) != saved[name]:
-            raise UserError(f"{flag} {show(getattr(args, name))} differs from the run {where} continues "
-                            f"({flag} {show(saved[name])}); leave it out to continue that run")
-        setattr(args, name, saved[name])
-
-
-def validate_args(stage, args):
-    """Reject bad values before anything is written; ValueError carries the message."""
-    canonical, implied_classes = resolve_name(args.arch)
-    if is_gated(canonical) != stage.gated:
-        kind = "a gated dfs_resnet / *_rnn_gate_*" if stage.gated else "a plain resnet / *_resnet_*"
-        raise ValueError(f"this stage trains {kind} architecture, got {args.arch}")
-    if args.dataset is None:
-        args.dataset = args.arch.split("_")[0] if implied_classes else "cifar10"
-    if implied_classes and data.NUM_CLASSES[args.dataset] != implied_classes:
-        raise ValueError(f"{args.arch} has {implied_classes} classes but {args.dataset} has "
-                         f"{data.NUM_CLASSES[args.dataset]}")
-    for name in ("iters", "batch_size", "eval_every", "print_freq"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if args.val_size < 0:
-        raise ValueError("--val-size must be >= 0")
-    for name in ("lr", "momentum", "weight_decay", "step_ratio", "cost_weight"):
-        value = getattr(args, name, 0.0)  # cost_weight: gated stages only
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if args.sync_bn and stage.gated:  # see README, "Several GPUs and machines"
-        raise ValueError("--sync-bn is for stage 1: a gated block may run a batch norm with autograd on one "
-                         "process and without on another, and SyncBatchNorm's backward needs them all")
-    if stage.gated:
-        if args.options is not None:
-            args.options = list(parse_options(args.options))
-        if getattr(args, "policy", None) is not None:
-            args.policy = read_policy(args.policy)
-        if not 0 < args.target_cp <= 100:
-            raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
-    try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
-
-
-def read_policy(spec):
-    """--policy's option names: a comma list, or a JSON file holding a list (or {"policy": [...]})."""
-    if not isinstance(spec, str) or not spec.endswith(".json"):
-        return [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
-    try:
-        with open(spec) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--policy {spec}: cannot read a JSON policy ({getattr(e, 'strerror', None) or e})")
-    value = value.get("policy") if isinstance(value, dict) else value
-    if not isinstance(value, list):
-        raise ValueError(f"--policy {spec}: expected a list of option names (or {{\"policy\": [...]}})")
-    return [str(v) for v in value]
-
-
 def seed_everything(seed):
     """Seed Python and torch (all devices)."""
     random.seed(seed)
@@ -245,64 +96,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def split_output(out):
-    """(logits, decisions or None) from a plain or a gated model's output."""
-    return out if isinstance(out, tuple) else (out, None)
-
-
-@torch.no_grad()
-def evaluate(model, batches, force=None, per_image=False):
-    """Top-1 accuracy, loss, computation percentage and per-block decision distribution.
-
-    With several processes each evaluates its share of `batches` and the sums are added up, the
-    counts exactly (int64, and float64 for the decision counts), so the figures are one process's.
-    force: [N, G] option indices, one row per image of `batches` in order, run instead of the
-    gate's choices (one process). per_image: also return `correct` [N] (bool) and, for a gated
-    model, `choices` [N, G] (one process).
-    """
-    if (force is not None or per_image) and distributed.world_size() > 1:
-        raise UserError("per-image evaluation (controls, significance) runs in one process")
-    was_training = model.training
-    model.eval()
-    device, gated = next(model.parameters()).device, hasattr(model, "options")
-    correct, n = torch.zeros((), dtype=torch.int64, device=device), 0
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    if gated:  # [G, O]: how many samples chose each option at each gated block
-        usage = torch.zeros(len(model.gate_embeds), len(model.options), dtype=torch.float64, device=device)
-    hits, choices = [], []
-    for x, y in batches:
-        kwargs = {} if force is None else {"force_option": force[n:n + len(y)]}
-        logits, decisions = split_output(model(x, **kwargs))
-        hit = logits.argmax(1) == y
-        correct += hit.sum()
-        loss += F.cross_entropy(logits, y, reduction="sum").double()
-        n += len(y)
-        if gated:
-            usage += decisions.sum(0).double()
-        if per_image:
-            hits.append(hit.cpu())
-            choices.append(decisions.argmax(2).cpu() if gated else None)
-    if force is not None and n != len(force):
-        raise ValueError(f"force has {len(force)} rows for {n} images")
-    model.train(was_training)
-    correct, n = distributed.all_sum(torch.stack([correct, correct.new_tensor(n)])).tolist()
-    stats = {"acc": 100 * correct / n, "loss": float(distributed.all_sum(loss)) / n, "num_samples": n}
-    if per_image:
-        stats["correct"] = torch.cat(hits)
-        if gated:
-            stats["choices"] = torch.cat(choices)
-    if gated:
-        # Every figure is linear in the decisions, so the mean over samples gives them all.
-        dist = distributed.all_sum(usage) / n  # per block, the share of samples that chose each option
-        mean = dist[None].float()
-        figures = model.complexity(mean)
-        stats["computation_percentage"] = float(model.computation_percentage(mean))
-        stats["bitops_percentage"] = float(figures["bitops_percentage"])
-        stats["macs_per_image"] = float(figures["macs"])
-        stats["decision_distribution"] = dist.tolist()
-    return stats
-
-
 def learning_rate(args, step):
     """Step schedule: lr x step_ratio at each of --lr-steps; optional 0.01 warm-up for 400 iterations."""
     if args.warm_up and step < 400:
@@ -310,65 +103,48 @@ def learning_rate(args, step):
     return args.lr * args.step_ratio ** sum(step >= s for s in args.lr_steps)
 
 
-def format_report(stats, option_names=None):
-    """A text table: accuracy, computation percentage and the per-block decision distribution."""
-    lines = [f"top-1 accuracy {stats['acc']:.2f} %  ({stats['num_samples']} images)"]
-    if "decision_distribution" in stats:
-        lines.append(f"computation percentage {stats['computation_percentage']:.2f} %  "
-                     f"(whole-network BitOPs {stats['bitops_percentage']:.2f} %, "
-                     f"executed MACs/image {stats['macs_per_image'] / 1e6:.2f} M)")
-        lines.append("block " + "".join(f"{n:>8}" for n in option_names))
-        # Paper numbering: block 1 is the ungated first block, gated blocks are 2..3n.
-        for i, row in enumerate(stats["decision_distribution"]):
-            lines.append(f"{i + 2:>5} " + "".join(f"{100 * v:>7.1f}%" for v in row))
-    return "\n".join(lines)
-
-
 def build_from_checkpoint(stage, args, ckpt):
-    """Build the model for this stage and load weights; returns (model, continuing)."""
-    options = args.options if stage.gated else None
-    policy = getattr(args, "policy", None)
-    if ckpt is None:
-        try:
-            return build_model(args.arch, data.NUM_CLASSES[args.dataset], options,
-                               getattr(args, "stochastic_act_rounding", False), policy), False
-        except ValueError as e:
-            raise UserError(f"--policy: {e}")
-    where = args.resume
-    canonical = resolve_name(args.arch)[0]
-    if ckpt["arch"].replace("dfs_", "") != canonical.replace("dfs_", ""):
-        raise UserError(f"{where} holds a {ckpt['arch']}, not a {canonical} backbone")
-    if ckpt["num_classes"] != data.NUM_CLASSES[args.dataset]:
-        raise UserError(f"{where} has {ckpt['num_classes']} classes, {args.dataset} has "
-                        f"{data.NUM_CLASSES[args.dataset]}")
-    if stage.gated and ckpt.get("options") is not None:
-        saved = tuple(ckpt["options"])
-        if options is not None and tuple(options) != saved:
-            raise UserError(f"{where} was trained with options {list(saved)}, not {list(options)}")
-        options = args.options = list(saved)
-    continuing = ckpt["stage"] == stage.name
-    testing = args.cmd == "test" and is_gated(ckpt["arch"]) == stage.gated
-    if not (continuing or testing or ckpt["stage"] == stage.parent):
-        expected = f"a '{stage.parent}' checkpoint to start from or " if stage.parent else ""
-        raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
-                        f"{expected}a '{stage.name}' checkpoint to continue")
-    if continuing or testing:
-        policy = ckpt.get("policy")
-    elif ckpt.get("policy") is not None:
-        raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
+    """Build the model for this stage and load weights; returns (model, its config record, continuing)."""
+    config = {"name": resolve_name(args.arch)[0], "num_classes": data.NUM_CLASSES[args.dataset],
+              "options": args.options if stage.gated else None,
+              "stochastic_act_rounding": getattr(args, "stochastic_act_rounding", False),
+              "policy": getattr(args, "policy", None)}
+    continuing = False
+    if ckpt is not None:
+        where, saved = args.resume, model_config(ckpt)
+        if saved["name"].replace("dfs_", "") != config["name"].replace("dfs_", ""):
+            raise UserError(f"{where} holds a {saved['name']}, not a {config['name']} backbone")
+        if saved["num_classes"] != config["num_classes"]:
+            raise UserError(f"{where} has {saved['num_classes']} classes, {args.dataset} has {config['num_classes']}")
+        if stage.gated and saved["options"] is not None:
+            if config["options"] is not None and tuple(config["options"]) != tuple(saved["options"]):
+                raise UserError(f"{where} was trained with options {list(saved['options'])}, not {list(config['options'])}")
+            config["options"] = list(saved["options"])
+        continuing = ckpt["stage"] == stage.name
+        testing = args.cmd == "test" and is_gated(saved["name"]) == stage.gated
+        if not (continuing or testing or ckpt["stage"] == stage.parent):
+            expected = f"a '{stage.parent}' checkpoint to start from or " if stage.parent else ""
+            raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
+                            f"{expected}a '{stage.name}' checkpoint to continue")
+        if continuing or testing:
+            config["policy"] = saved["policy"]
+        elif saved["policy"] is not None:
+            raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
     try:
-        model = build_model(args.arch, ckpt["num_classes"], options,
-                            getattr(args, "stochastic_act_rounding", False), policy)
+        model = model_from_config(config)
     except ValueError as e:
         raise UserError(f"--policy: {e}")
-    try:
-        if stage.gated and not is_gated(ckpt["arch"]):
-            model.load_backbone(ckpt["model"])
-        else:
-            model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{where} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
-    return model, continuing
+    if ckpt is not None:
+        try:
+            if stage.gated and not is_gated(ckpt["arch"]):
+                model.load_backbone(ckpt["model"])
+            else:
+                model.load_state_dict(ckpt["model"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{args.resume} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
+    if stage.gated:  # the options and policy as the model has them (a preset spelled out)
+        config.update(options=list(model.options), policy=model.policy_names())
+    return model, config, continuing
 
 
 class Interrupt:
@@ -397,8 +173,9 @@ class Interrupt:
 class Run:
     """The mutable state of one training run, and how it is saved."""
 
-    def __init__(self, stage, args, model, optimizer, train_batches, folder):
+    def __init__(self, stage, args, model, optimizer, train_batches, folder, config=None):
         self.stage, self.args, self.model, self.optimizer = stage, args, model, optimizer
+        self.config = config  # the model's constructor arguments, stored in every checkpoint
         self.train_batches, self.folder = train_batches, folder
         self.step, self.best_acc = 0, float("-inf")  # the first evaluation always writes model_best
         # `model` is the module itself (state dict, cost model); training steps go through `wrapped`
@@ -410,12 +187,15 @@ class Run:
 
     def checkpoint(self):
         """Everything needed to continue exactly, as tensors and plain data (every process calls it)."""
-        model = self.model
+        model, config = self.model, self.config or {
+            "name": resolve_name(self.args.arch)[0], "num_classes": self.model.num_classes,
+            "options": list(self.model.options) if self.stage.gated else None,
+            "stochastic_act_rounding": getattr(self.args, "stochastic_act_rounding", False),
+            "policy": self.model.policy_names() if self.stage.gated else None}
         return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "best_acc": self.best_acc, "stage": self.stage.name,
-                "arch": resolve_name(self.args.arch)[0], "num_classes": model.num_classes,
-                "options": list(model.options) if self.stage.gated else None,
-                "policy": model.policy_names() if self.stage.gated else None,
+                "model_config": config,  # and, for older readers, its three keys of format 1:
+                "arch": config["name"], "num_classes": model.num_classes, "options": config["options"],
                 "args": vars(self.args), "data_state": self.train_batches.state_dict(),
                 "rng": rng_state(), "world_size": distributed.world_size(),
                 **({"rng_by_rank": distributed.all_gather(rng_state())} if distributed.world_size() > 1 else {})}
@@ -447,7 +227,7 @@ class Run:
         """
         ckpt = self.checkpoint()
         if distributed.is_main():
-            for name in (["model_best.pth.tar"] if best else []) + ["checkpoint_latest.pth.tar"]:
+            for name in ([runfolder.BEST] if best else []) + [runfolder.LATEST]:
                 path = os.path.join(self.folder, name)
                 with runfolder.writing(path):
                     save_checkpoint(ckpt, path)
@@ -456,9 +236,7 @@ class Run:
 
 def log_eval(run, stats, split, writer):
     """Evaluation record: TensorBoard scalars and one JSON line in log.jsonl."""
-    record, path = {"step": run.step, "split": split, **stats}, os.path.join(run.folder, "log.jsonl")
-    with runfolder.writing(path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    runfolder.append_record(run.folder, {"step": run.step, "split": split, **stats})
     if writer is None:
         return
     writer.add_scalar(f"{split}/acc", stats["acc"], run.step)
@@ -559,8 +337,9 @@ def train(run, loss_fn, eval_batches, split, writer=None):
                 run.save()
                 bar.close()
                 if main_process:
-                    print(f"interrupted at iteration {run.step}; saved {run.folder}/checkpoint_latest.pth.tar. "
-                          f"Continue with the same command plus --resume {run.folder}/checkpoint_latest.pth.tar",
+                    latest = os.path.join(run.folder, runfolder.LATEST)
+                    print(f"interrupted at iteration {run.step}; saved {latest}. "
+                          f"Continue with the same command plus --resume {latest}",
                           file=sys.stderr)
                 return 128 + signum
     bar.close()
@@ -583,7 +362,7 @@ def run_stage(stage, args, given=frozenset()):
     """
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if args.cmd == "train" and ckpt is not None and ckpt["stage"] == stage.name:
-        keep_run_settings(args, ckpt.get("args") or {}, given, args.resume)
+        args = continue_run(args, ckpt.get("args") or {}, given, args.resume)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     try:
@@ -591,7 +370,9 @@ def run_stage(stage, args, given=frozenset()):
     except ValueError as e:
         raise UserError(str(e))
     seed_everything(args.seed)
-    model, continuing = build_from_checkpoint(stage, args, ckpt)
+    model, config, continuing = build_from_checkpoint(stage, args, ckpt)
+    if stage.gated:  # args.json and the checkpoint's args show the options the run has
+        args = argparse.Namespace(**{**vars(args), "options": config["options"]})
     model.to(device)
     main_process = distributed.is_main()  # the only process that writes and prints
     share = dict(device=device, rank=distributed.rank(), world_size=distributed.world_size())
@@ -615,7 +396,7 @@ def run_stage(stage, args, given=frozenset()):
         p.requires_grad_(id(p) in ids)
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    run = Run(stage, args, model, optimizer, train_batches, os.path.join(args.save_folder, args.arch))
+    run = Run(stage, args, model, optimizer, train_batches, os.path.join(args.save_folder, args.arch), config)
     if continuing:
         run.restore(ckpt)
         if run.step >= args.iters:
@@ -623,12 +404,12 @@ def run_stage(stage, args, given=frozenset()):
                 runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
                 print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
             return 0
-    split = "val" if args.val_size else "test"
+    split, loss_fn = "val" if args.val_size else "test", stage.make_loss(args)
     if not main_process:  # only process 0 holds the folder, writes and prints
-        return train(run, stage.make_loss(args), eval_batches, split, None)
+        return train(run, loss_fn, eval_batches, split, None)
     with runfolder.claim(run.folder, resume=args.resume if continuing else None, step=run.step,
                          overwrite=args.overwrite) as folder:
-        folder.write_text("args.json", json.dumps(vars(args), indent=2))
+        folder.write_text(runfolder.ARGS, json.dumps(vars(args), indent=2))
         where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
         if distributed.world_size() > 1:
             where += f" x {distributed.world_size()} processes"
@@ -636,7 +417,7 @@ def run_stage(stage, args, given=frozenset()):
               f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
         # a resumed run's earlier events past its checkpoint are hidden (TensorBoard drops step >= purge_step)
         writer = folder.summary_writer(purge_step=run.step + 1 if continuing else None)
-        return train(run, stage.make_loss(args), eval_batches, split, writer)
+        return train(run, loss_fn, eval_batches, split, writer)
 
 
 def main(stage, argv=None):

@@ -17,23 +17,10 @@ import torch
 
 import data
 import distributed
-from checkpoint import CheckpointError, load_checkpoint
-from engine import UserError, evaluate, format_report
-from models import build_model
+from checkpoint import CheckpointError
+from evaluation import evaluate, format_report, load_model
+from settings import UserError
 from significance import pack_bits
-
-
-def load_model(path, device):
-    """Model and checkpoint from a checkpoint file (architecture and options from the file)."""
-    ckpt = load_checkpoint(path)
-    saved_args = ckpt.get("args") or {}
-    try:
-        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("options"),
-                            bool(saved_args.get("stochastic_act_rounding", False)), ckpt.get("policy"))
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path} does not hold a valid {ckpt['arch']}: {str(e).splitlines()[0][:200]}")
-    return model.to(device), ckpt
 
 
 def evaluate_checkpoint(path, args):

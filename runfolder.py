@@ -48,6 +48,13 @@ def writing(path):
         raise WriteError(path, e) from e
 
 
+def append_record(folder, record):
+    """One JSON line in the run's log (log.jsonl); WriteError names the file if it cannot be written."""
+    path = os.path.join(folder, LOG)
+    with writing(path), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def last_checkpoint(folder):
     """The checkpoint a run in `folder` continues from (latest, else best), or None."""
     for name in (LATEST, BEST):
@@ -129,15 +136,13 @@ def truncate_log(folder, step):
             os.replace(tmp, path)
 
 
-def claim(folder, *, resume=None, step=0, overwrite=False, holds=True):
+def claim(folder, *, resume=None, step=0, overwrite=False):
     """Take `folder` for a training run and return the RunFolder; FolderError if it cannot be used.
 
     `resume` is the checkpoint a continued run resumes from (None for a new run), `step` its
-    iteration. A new run refuses a folder that holds a checkpoint unless `overwrite`. holds=False
-    (a process that does not write, e.g. DDP rank > 0) claims nothing and returns an inert RunFolder.
+    iteration. A new run refuses a folder that holds a checkpoint unless `overwrite`. Only the process
+    that writes (process 0 under torchrun) claims the folder.
     """
-    if not holds:
-        return RunFolder(folder, None, holds=False)
     same_run = resume is not None and os.path.isdir(folder) and \
         os.path.samefile(os.path.dirname(os.path.abspath(resume)), folder)
     try:
@@ -192,19 +197,18 @@ def _settle(folder, existing, step, same_run):
 class RunFolder:
     """A claimed run folder: its TensorBoard writer, and the lock until `release`."""
 
-    def __init__(self, folder, fd, holds=True):
-        self.folder, self.fd, self.holds, self.events = folder, fd, holds, None
+    def __init__(self, folder, fd):
+        self.folder, self.fd, self.events = folder, fd, None
 
     def write_text(self, name, text):
-        """Write a small file of the run (args.json); nothing when this process does not hold it."""
+        """Write a small file of the run (args.json)."""
         path = os.path.join(self.folder, name)
-        if self.holds:
-            with writing(path), open(path, "w") as f:
-                f.write(text)
+        with writing(path), open(path, "w") as f:
+            f.write(text)
 
     def summary_writer(self, purge_step=None):
-        """A TensorBoard writer whose write failures are WriteErrors naming its event file (or None)."""
-        self.events = Events(self.folder, purge_step) if self.holds else None
+        """A TensorBoard writer whose write failures are WriteErrors naming its event file."""
+        self.events = Events(self.folder, purge_step)
         return self.events
 
     def hint(self):

@@ -26,7 +26,7 @@ import torch
 
 import data
 from checkpoint import CheckpointError
-from engine import evaluate
+from evaluation import evaluate, load_model
 
 UNITS = 1024  # a block's cost in units: skip 0, b bits b^2, full 1024 = 32^2
 
@@ -114,7 +114,6 @@ def make_accuracy(model, calibration, val_batches):
 
 
 def main(argv=None):
-    import eval as evaluation
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a gated checkpoint trained with --val-size")
     p.add_argument("--target", type=float, required=True, help="computation percentage to reach, in (0, 100]")
@@ -129,7 +128,7 @@ def main(argv=None):
     if not 0 < args.target <= 100:
         p.error(f"--target must be in (0, 100], got {args.target}")
     try:
-        model, ckpt = evaluation.load_model(args.checkpoint, args.device)
+        model, ckpt = load_model(args.checkpoint, args.device)
         saved = ckpt.get("args") or {}
         if not hasattr(model, "options") or not saved.get("val_size"):
             raise CheckpointError(f"{args.checkpoint}: the search needs a gated checkpoint trained with --val-size")

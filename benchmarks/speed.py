@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model  # noqa: E402
+from models.gate import straight_through  # noqa: E402
 
 # Option shares of the steered patterns (options of the default set; others get 0).
 PATTERNS = {
@@ -52,7 +53,7 @@ class SteeredGate(nn.Module):
         choice = torch.multinomial(self.probs, feat.shape[0], replacement=True, generator=self.generator)
         hard = F.one_hot(choice.to(feat.device), len(self.probs)).to(probs.dtype)
         if self.training:
-            hard = hard - probs.detach() + probs
+            hard = straight_through(hard, probs)
         return probs, hard, state
 
 

@@ -24,6 +24,11 @@ class GateEmbedding(nn.Module):
         return torch.flatten(self.conv(x.mean((2, 3), keepdim=True)), 1)
 
 
+def straight_through(hard, probs):
+    """`hard`'s values with the gradient of `probs` (the straight-through estimator of the decisions)."""
+    return hard - probs.detach() + probs
+
+
 class LSTMGate(nn.Module):
     """Shared LSTM + linear head giving, per sample, a distribution over the options."""
 
@@ -48,5 +53,5 @@ class LSTMGate(nn.Module):
         probs = F.softmax(self.proj(h), dim=-1)
         hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         if self.training:
-            hard = hard - probs.detach() + probs
+            hard = straight_through(hard, probs)
         return probs, hard, (h, c)

@@ -74,7 +74,6 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(in_planes, planes, stride, stochastic_act_rounding))
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
-        self.group_of_block = [b // n for b in range(3 * n)]  # for logs and plots
         self.fc = nn.Linear(WIDTHS[-1], num_classes)
         init_weights(self)
 

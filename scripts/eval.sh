@@ -4,7 +4,9 @@
 # Writes $SAVE/eval/{results.json,accuracy_vs_computation.png,decision_distribution.png}
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${TARGETS:=50 40 30 20}" "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}" "${PYTHON:=python3}"
+: "${TARGETS:=50 40 30 20}" "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}"
+. scripts/lib.sh
+pick_python
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
 ckpts=()

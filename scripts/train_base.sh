@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-: "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}" "${PYTHON:=python3}"
+: "${DATASET:=cifar10}" "${DEPTH:=38}" "${SAVE:=save_checkpoints}"
+pick_python
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
 resume_from "$SAVE/backbone/resnet$DEPTH/checkpoint_latest.pth.tar" "" "$@"

@@ -1,8 +1,15 @@
-"""Helpers shared by the model-level test files (inputs, non-trivial BN, a gate that spreads)."""
+"""Helpers shared by the test files: inputs, one-hot decisions, non-trivial BN, a gate that spreads,
+a small synthetic world, and reading a run folder."""
+import contextlib
+import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+import data
 
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 
@@ -35,3 +42,32 @@ def spread_gate(model, seed=7):
             e.conv.weight.mul_(10)
         model.gate.proj.weight.copy_(torch.randn(model.gate.proj.weight.shape, generator=g) * 3)
         model.gate.proj.bias.zero_()
+
+
+def onehot(choices, num_options):
+    """[B, G] option indices -> [B, G, O] float one-hot decisions."""
+    return F.one_hot(torch.tensor(choices), num_options).float().to(DEVICE)
+
+
+@contextlib.contextmanager
+def small_synthetic(train=64, test=40):
+    """The synthetic dataset shrunk to `train` and `test` images, and one thread (2 spinning threads
+    crawl on a shared 2-core box)."""
+    saved = data.SYNTHETIC_SIZES, torch.get_num_threads()
+    data.SYNTHETIC_SIZES = (train, test)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        data.SYNTHETIC_SIZES = saved[0]
+        torch.set_num_threads(saved[1])
+
+
+def log_records(folder):
+    """The JSON records of a run folder's log.jsonl."""
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def snapshot(folder):
+    """Bytes and modification time of every file under `folder`."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}

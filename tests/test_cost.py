@@ -1,24 +1,18 @@
 """Tests of the option lists, the cost model and the MACs / BitOPs report (spec/dfs.md §3-§5)."""
-import os
 from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import DEVICE, onehot
 from models import build_model
 from models.cost import (PRESETS, computation_percentage, cost_penalty, option_bits, option_costs,
                          option_names, parse_options)
 from models.dfs_resnet import DFSResNet, module_macs
 from models.resnet import CifarResNet
 
-DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 DEFAULT = ("skip", 8, 10, 12, 14, 16, "full")
-
-
-def onehot(choices, num_options):
-    """[B, G] option indices -> [B, G, O] float one-hot decisions."""
-    return F.one_hot(torch.tensor(choices), num_options).float().to(DEVICE)
 
 
 # --------------------------------------------------------------------------- option lists

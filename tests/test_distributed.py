@@ -20,9 +20,11 @@ import torch.nn.functional as F
 import data
 import ddp_worker  # tests/ddp_worker.py, importable as pytest puts tests/ on sys.path
 import engine
+import evaluation
 import runfolder
 import train_dfs
 from checkpoint import load_checkpoint
+from helpers import log_records
 from models import build_model
 
 eval_cli = importlib.import_module("eval")  # eval.py; `import eval` would read as the builtin
@@ -67,10 +69,6 @@ def files(folder):
                   for p in folder.iterdir() if p.name != runfolder.LOCK)
 
 
-def log_records(folder):
-    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- gradients
 
 def one_process_gradients(name, target):
@@ -78,7 +76,7 @@ def one_process_gradients(name, target):
     as two DataParallel replicas) and takes CE_mean + beta * s * C over the global batch."""
     model = ddp_worker.build(name)
     x, y = ddp_worker.global_batch()
-    outs = [engine.split_output(model(h)) for h in x.chunk(2)]
+    outs = [evaluation.split_output(model(h)) for h in x.chunk(2)]
     logits, cp = torch.cat([o[0] for o in outs]), None
     loss = F.cross_entropy(logits, y)
     if target is not None:
@@ -206,7 +204,7 @@ def test_evaluation_while_training_is_one_process_evaluation_of_the_checkpoint(w
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["options"])
     model.load_state_dict(ckpt["model"])
     _, val, _ = data.build_batches("synthetic", tmp_path, 16, val_size=32)
-    stats, logged = engine.evaluate(model, val), log_records(folder)[-1]
+    stats, logged = evaluation.evaluate(model, val), log_records(folder)[-1]
     assert logged["step"] == 2 and logged["num_samples"] == 32
     for key in ("acc", "loss", "computation_percentage", "decision_distribution"):
         assert logged[key] == stats[key], key

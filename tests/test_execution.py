@@ -23,7 +23,7 @@ import helpers
 from helpers import DEVICE
 
 
-def images(b=8, seed=1):
+def batch(b=8, seed=1):
     """Inputs that differ per sample, and labels."""
     return helpers.images(b, seed), torch.arange(b).remainder(10).to(DEVICE)
 
@@ -94,7 +94,7 @@ CASES = [  # (options, stochastic rounding, gate pattern, stage 2)
 @pytest.mark.parametrize("options,stochastic,pattern,frozen", CASES)
 def test_sparse_training_step_equals_mixed(options, stochastic, pattern, frozen):
     sparse, dense = pair(options, stochastic, pattern, frozen)
-    x, y = images()
+    x, y = batch()
     a, b = step(sparse, x, y, "dynamic"), step(dense, x, y, "mixed")
     assert_same_step(a, b)
     chosen = a[3].sum((0, 1)) > 0
@@ -107,7 +107,7 @@ def test_sparse_training_step_equals_mixed(options, stochastic, pattern, frozen)
 def test_sparse_skips_backward_through_unchosen_options():
     """Not vacuous: with every sample on 8 bits the full-precision path is out of the graph."""
     sparse, dense = pair("default", pattern="8")
-    x, y = images()
+    x, y = batch()
     counted = {}
     for name, model in (("sparse", sparse), ("dense", dense)):
         calls = []
@@ -123,7 +123,7 @@ def test_sparse_optimizer_steps_stay_equal(options, stochastic):
     sparse, dense = pair(options, stochastic)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in (sparse, dense)]
     for i in range(3):
-        x, y = images(seed=10 + i)
+        x, y = batch(seed=10 + i)
         a, b = step(sparse, x, y, "dynamic", seed=i), step(dense, x, y, "mixed", seed=i)
         assert_same_step(a, b)
         for o in opts:
@@ -135,7 +135,7 @@ def test_sparse_optimizer_steps_stay_equal(options, stochastic):
 def test_input_range_shared_across_bitwidths_updates_buffers_per_call():
     """conv1 and the projection see the block input once per quantized option (spec §2)."""
     model, _ = pair("default")
-    x, _ = images()
+    x, _ = batch()
     got = {}
     model.blocks[3].register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0].detach().clone()))
     model(x)
@@ -152,7 +152,7 @@ def test_the_block_input_range_is_reduced_once_in_training_and_never_in_eval(mon
     """Training reduces a gated block's input range once for all its bitwidths and its projection
     (the same values as once per conv); eval, even the mixed reference, uses the buffers only."""
     model, _ = pair("default")
-    x, _ = images()
+    x, _ = batch()
     block_input, reduced = [], []  # the input is kept alive, so no later tensor can reuse its address
     model.blocks[3].register_forward_pre_hook(lambda m, a: block_input.append(a[0]))
     real = quantize.input_range
@@ -177,7 +177,7 @@ def test_eval_computes_only_the_chosen_option(execution, calls):
     chosen option); the mixed reference runs them for all six options that have convs."""
     model, _ = pair("default", pattern="8")
     model.eval()
-    x, _ = images()
+    x, _ = batch()
     seen = []
     model.blocks[2].conv1.register_forward_hook(lambda m, a, out: seen.append(1))
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_eval_weight_cache_follows_the_weight():
 def test_one_option_for_the_batch_equals_mixed_exactly(pattern):
     """Every sample on one option: no gather/scatter, cached weights, the same numbers as mixed."""
     model, _ = pair("default", pattern=pattern)
-    x, _ = images()
+    x, _ = batch()
     with torch.no_grad():
         model(x)  # non-trivial BN and range statistics
         model.eval()

@@ -75,14 +75,6 @@ def test_param_counts_of_built_models_against_spec(depth, authors_plain, authors
     # the helpers used below agree with the spec's figures too
     assert plain_param_count(depth) == clean_plain
     assert gate_param_count(depth) == authors_dfs - authors_plain - 650
-
-
-@pytest.mark.parametrize("depth,expected", [(38, 564_122), (74, 1_147_418)])
-def test_param_counts(depth, expected):
-    plain = CifarResNet(depth)
-    assert n_params(plain) == expected
-    dfs = DFSResNet(depth)
-    assert n_params(dfs) - n_params(plain) == gate_param_count(depth)
     gate_only = sum(p.numel() for name, p in dfs.named_parameters() if name.startswith(("gate.", "gate_embeds.")))
     assert gate_only == gate_param_count(depth)
     assert n_params(dfs.gate.lstm) == 880

@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
+from helpers import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dataset", "synthetic", "--batch-size", "16", "--print-freq", "1"]
@@ -18,12 +19,6 @@ def run(cmd, cwd=ROOT, env=None, check=True):
     if check:
         assert result.returncode == 0, f"{cmd} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def snapshot(folder):
-    """Bytes and modification time of every file under `folder`."""
-    return {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns)
-            for p in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)) if os.path.isfile(p)}
 
 
 def test_pipeline_script(tmp_path):
@@ -61,32 +56,7 @@ def test_pipeline_script(tmp_path):
     for png in ("accuracy_vs_computation.png", "decision_distribution.png"):
         assert (save / "eval" / png).stat().st_size > 1000
     # the same command again: every stage is finished, so nothing is trained or rewritten
-    runs = {p: v for p, v in snapshot(save).items() if os.sep + "eval" + os.sep not in p}
+    runs = {p: v for p, v in snapshot(save).items() if "eval" not in p.parts}
     again = run(["bash", "scripts/pipeline.sh"], env=env)
     assert again.stdout.count("nothing to do") == 4 and "iter " not in again.stdout, again.stdout
-    assert {p: v for p, v in snapshot(save).items() if os.sep + "eval" + os.sep not in p} == runs
-
-
-@pytest.mark.slow
-def test_authors_commands(tmp_path):
-    """The authors' three README commands (spec §6) run as written, on synthetic data and a short schedule."""
-    py, short = sys.executable, ["--dataset", "synthetic", "--iters", "2", "--batch-size", "8", "--eval-every", "2"]
-    run([py, os.path.join(ROOT, "train_base.py"), "train", "cifar10_resnet_38", "--save-folder", "save_checkpoints/backbone", *short],
-        cwd=tmp_path, env={"PYTHONPATH": ROOT})
-    for cmd in (
-        [py, "train_gate_init.py", "train", "cifar10_rnn_gate_38", "--minimum", "100", "--lr", "0.01", "--resume",
-         "save_checkpoints/backbone/cifar10_resnet_38/model_best.pth.tar", "--iters", "2000",
-         "--save-folder", "save_checkpoints/full_execution"],
-        [py, "train_dfs.py", "train", "cifar10_rnn_gate_38", "--minimum", "50", "--lr", "0.01", "--resume",
-         "save_checkpoints/full_execution/cifar10_rnn_gate_38/checkpoint_latest.pth.tar",
-         "--save-folder", "save_checkpoints/DFS"],
-    ):
-        # the authors' words first, then our short schedule (argparse: the last value wins)
-        run([os.path.join(ROOT, cmd[1]) if i == 1 else c for i, c in enumerate(cmd)] + short,
-            cwd=tmp_path, env={"PYTHONPATH": ROOT})
-    ckpt = torch.load(tmp_path / "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar", weights_only=True)
-    assert ckpt["stage"] == "dfs" and ckpt["arch"] == "dfs_resnet38" and len(ckpt["options"]) == 7
-    test = run([py, os.path.join(ROOT, "train_dfs.py"), "test", "cifar10_rnn_gate_38", "--dataset", "synthetic",
-                "--resume", "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar"],
-               cwd=tmp_path, env={"PYTHONPATH": ROOT}).stdout
-    assert "computation percentage" in test and "   18 " in test  # gated blocks 2..18 of ResNet-38
+    assert {p: v for p, v in snapshot(save).items() if "eval" not in p.parts} == runs

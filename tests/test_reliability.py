@@ -30,10 +30,12 @@ import torch
 import checkpoint
 import data
 import engine
+import evaluation
 import models
 import train_base
 import train_dfs
 import train_gate_init
+from helpers import log_records, small_synthetic, snapshot
 from models.dfs_resnet import DFSResNet
 
 eval_cli = importlib.import_module("eval")  # eval.py; `import eval` would read as the builtin
@@ -48,13 +50,9 @@ SUBPROCESS_ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL
 
 @pytest.fixture(scope="module", autouse=True)
 def small_world():
-    """A small synthetic dataset and one thread (2 spinning threads crawl on a shared 2-core box)."""
-    saved = data.SYNTHETIC_SIZES, torch.get_num_threads()
-    data.SYNTHETIC_SIZES = (TRAIN_SIZE, TEST_SIZE)
-    torch.set_num_threads(1)
-    yield
-    data.SYNTHETIC_SIZES = saved[0]
-    torch.set_num_threads(saved[1])
+    """A small synthetic dataset and one thread."""
+    with small_synthetic(TRAIN_SIZE, TEST_SIZE):
+        yield
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -95,13 +93,8 @@ def load(path):
     return checkpoint.load_checkpoint(str(path))
 
 
-def log_records(save, stage):
-    return [json.loads(line) for line in (Path(save) / ARCH[stage] / "log.jsonl").read_text().splitlines()]
-
-
-def snapshot(folder):
-    """Bytes and mtime of every file under `folder`."""
-    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+def stage_records(save, stage):
+    return log_records(Path(save) / ARCH[stage])
 
 
 def assert_same_training_state(a, b, same_evaluations=True):
@@ -178,8 +171,8 @@ def test_resume_after_iters_k_equals_uninterrupted_run(stage, start, reference, 
     assert first + second == ref_steps  # every training loss, exactly
     assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)), same_evaluations=False)
     # evaluations at 2, 3, 5 (here) and 4 (there) change nothing: the final ones agree exactly
-    assert [r["step"] for r in log_records(save, stage)] == [2, 3, 5, 6]
-    assert log_records(save, stage)[-1] == log_records(ref_save, stage)[-1]
+    assert [r["step"] for r in stage_records(save, stage)] == [2, 3, 5, 6]
+    assert stage_records(save, stage)[-1] == stage_records(ref_save, stage)[-1]
 
 
 @pytest.mark.parametrize("stage", ["gate_init", "dfs"])
@@ -330,7 +323,7 @@ def test_signal_saves_at_the_step_boundary_and_resume_is_exact(stage, signum, st
     assert rc == 0 and first + second == ref_steps
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)))
-    assert log_records(save, stage) == log_records(ref_save, stage)
+    assert stage_records(save, stage) == stage_records(ref_save, stage)
 
 
 def read_until(proc, text, timeout):
@@ -588,7 +581,7 @@ def test_eval_matches_the_training_evaluation(parents, tmp_path, capsys):
     assert eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--batch-size", "7",
                           "--data-dir", str(tmp_path / "data"), "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    last = log_records(parents["gate_init"].parent.parent, "gate_init")[-1]
+    last = stage_records(parents["gate_init"].parent.parent, "gate_init")[-1]
     assert record["num_samples"] == TEST_SIZE and record["dataset"] == "synthetic"
     assert record["accuracy"] == last["acc"] and record["decision_distribution"] == last["decision_distribution"]
 
@@ -655,7 +648,7 @@ def test_a_batch_of_one_trains_and_evaluates(stage, start, tmp_path):
     rc, steps = train(stage, save, start[stage] + ["--batch-size", "1"], iters=2)
     assert rc == 0 and [(s, n) for s, _, n in steps] == [(1, 1), (2, 1)]
     assert all(math.isfinite(loss) for _, loss, _ in steps)
-    record = log_records(save, stage)[-1]  # evaluated 40 images one at a time
+    record = stage_records(save, stage)[-1]  # evaluated 40 images one at a time
     assert record["step"] == 2 and record["num_samples"] == TEST_SIZE and math.isfinite(record["loss"])
     assert sum(record["decision_distribution"][0]) == pytest.approx(1.0)
 
@@ -677,7 +670,7 @@ def test_evaluation_does_not_depend_on_the_batch_size(parents, tmp_path):
     with torch.no_grad():  # a gate whose choices vary from image to image
         g = torch.Generator().manual_seed(0)
         model.gate.proj.weight.copy_(5 * torch.randn(model.gate.proj.weight.shape, generator=g))
-    stats = {bs: engine.evaluate(model, data.test_batches("synthetic", tmp_path, bs)) for bs in (1, 7, TEST_SIZE)}
+    stats = {bs: evaluation.evaluate(model, data.test_batches("synthetic", tmp_path, bs)) for bs in (1, 7, TEST_SIZE)}
     whole = stats[TEST_SIZE]
     dist = torch.tensor(whole["decision_distribution"])
     assert whole["num_samples"] == TEST_SIZE and (dist.max(1).values < 1).any()  # not trivially equal
@@ -734,7 +727,7 @@ def test_overwrite_starts_over_with_exactly_one_run(tmp_path):
     rc, steps = train("base", save, ["--overwrite", "--lr", "0.05", "--eval-every", "3"], iters=3)
     assert rc == 0 and [s for s, _, _ in steps] == [1, 2, 3]
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1 and not temporary_files(folder)
-    assert [r["step"] for r in log_records(save, "base")] == [3]
+    assert [r["step"] for r in stage_records(save, "base")] == [3]
     assert json.loads((folder / "args.json").read_text())["lr"] == 0.05
     assert load(latest(save, "base"))["step"] == 3 and load(best(save, "base"))["step"] == 3
     assert event_steps(folder, "test/acc") == [3]
@@ -889,7 +882,7 @@ def test_a_write_failure_is_one_line_with_status_4_and_the_run_continues(name, t
     rc, steps = train("base", save, command + resume, iters=6)
     assert rc == 0 and capsys.readouterr().err == ""
     assert [s for s, _, _ in steps] == ([3, 4, 5, 6] if resume else [1, 2, 3, 4, 5, 6])
-    assert [r["step"] for r in log_records(save, "base")] == [2, 4, 6]  # each evaluation once
+    assert [r["step"] for r in stage_records(save, "base")] == [2, 4, 6]  # each evaluation once
     assert event_steps(folder, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert event_steps(folder, "test/acc") == [2, 4, 6]
 
@@ -936,7 +929,7 @@ def test_a_real_full_and_a_real_read_only_filesystem(tmp_path, monkeypatch, caps
     rc, steps = train("base", out / "save", ["--val-size", "448", "--eval-every", "2", "--resume",
                                              folder / "checkpoint_latest.pth.tar"], iters=6)
     assert rc == 0 and [s for s, _, _ in steps] == [3, 4, 5, 6]
-    assert [r["step"] for r in log_records(out / "save", "base")] == [2, 4, 6]
+    assert [r["step"] for r in stage_records(out / "save", "base")] == [2, 4, 6]
 
 
 def test_a_resume_logs_each_step_once(tmp_path):
@@ -950,7 +943,7 @@ def test_a_resume_logs_each_step_once(tmp_path):
     latest(save, "base").write_bytes(at_two)  # the save at iteration 4 never happened
     rc, steps = train("base", save, command + ["--resume", latest(save, "base")], iters=6)
     assert rc == 0 and [s for s, _, _ in steps] == [3, 4, 5, 6]
-    assert [r["step"] for r in log_records(save, "base")] == [2, 4, 6]
+    assert [r["step"] for r in stage_records(save, "base")] == [2, 4, 6]
     assert event_steps(folder, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert event_steps(folder, "test/acc") == [2, 4, 6]
 
@@ -986,7 +979,7 @@ def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
     now = load(latest(save, "base"))["args"]
     for name in ("dataset", "batch_size", "seed", "val_size", "lr", "momentum", "lr_steps"):
         assert now[name] == saved[name], name
-    assert [r["split"] for r in log_records(save, "base")] == ["val", "val"]
+    assert [r["split"] for r in stage_records(save, "base")] == ["val", "val"]
 
 
 def test_eval_creates_the_folders_of_its_outputs(parents, tmp_path):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import data
 import engine
+import settings
 import train_base
 import train_dfs
 import train_gate_init
@@ -32,16 +33,11 @@ from models.dfs_resnet import DFSResNet
 from models.resnet import CifarResNet, init_weights
 from quantize import QConv2d, fake_quantize
 
-from helpers import DEVICE, images, randomize_bn, spread_gate
+from helpers import DEVICE, images, onehot, randomize_bn, small_synthetic as shrink_synthetic, spread_gate
 
 STAGES = {"base": train_base.STAGE, "gate_init": train_gate_init.STAGE, "dfs": train_dfs.STAGE}
 ARCH = {"base": "resnet20", "gate_init": "dfs_resnet20", "dfs": "dfs_resnet20"}
 PAPER = ("skip", 8, 16, "full")  # costs 0, 1/16, 1/4, 1: every percentage below is exact in fp32
-
-
-def onehot(choices, num_options):
-    """[B, G] option indices -> [B, G, O] float one-hot decisions."""
-    return F.one_hot(torch.tensor(choices), num_options).float().to(DEVICE)
 
 
 # =========================================================================== §1 initialisation
@@ -212,7 +208,7 @@ def test_dithered_rounding_off_by_default_everywhere():
     qconvs = [q for q in m.modules() if isinstance(q, QConv2d)]
     assert qconvs and not any(q.stochastic_act_rounding for q in qconvs)
     assert QConv2d(3, 4, 3).stochastic_act_rounding is False and DFSResNet(20).blocks[1].conv1.stochastic_act_rounding is False
-    assert engine.parse_args(train_dfs.STAGE, ["train", "dfs_resnet20", "--device", "cpu"]).stochastic_act_rounding is False
+    assert settings.parse_args(train_dfs.STAGE, ["train", "dfs_resnet20", "--device", "cpu"]).stochastic_act_rounding is False
 
 
 # =========================================================================== §2-§3 the training forward
@@ -442,7 +438,7 @@ def test_budget_penalty_alone_drives_the_real_gate(paper_model):
                                                    ("dfs", 0.01, 64000, 50.0)])
 def test_stage_defaults_are_the_released_ones(stage, lr, iters, target):
     """§5-§6: lr, iterations, target, beta, batch 128, SGD momentum 0.9, wd 1e-4, steps 32k/48k, fp32."""
-    a = engine.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu"])
+    a = settings.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu"])
     assert (a.lr, a.iters, a.batch_size) == (lr, iters, 128)
     assert (a.momentum, a.weight_decay, a.step_ratio, a.lr_steps) == (0.9, 1e-4, 0.1, [32000, 48000])
     assert a.warm_up is False and a.tf32 is False
@@ -450,7 +446,7 @@ def test_stage_defaults_are_the_released_ones(stage, lr, iters, target):
         assert not hasattr(a, "target_cp")
     else:
         assert (a.target_cp, a.cost_weight, a.options) == (target, 1e-5, None)
-        alias = engine.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu",
+        alias = settings.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu",
                                                   "--minimum", "30", "--beta", "2e-5"])
         assert (alias.target_cp, alias.cost_weight) == (30.0, 2e-5)
     assert STAGES["gate_init"].parent == "base" and STAGES["dfs"].parent == "gate_init"
@@ -459,7 +455,7 @@ def test_stage_defaults_are_the_released_ones(stage, lr, iters, target):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_learning_rate_at_every_boundary(stage):
     """§6: x0.1 at 32k and at 48k (step = iterations already done, as the released code's _iter)."""
-    a = engine.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu"])
+    a = settings.parse_args(STAGES[stage], ["train", ARCH[stage], "--device", "cpu"])
     lr = a.lr
     expected = {0: lr, 1: lr, 399: lr, 400: lr, 31999: lr, 32000: lr / 10, 32001: lr / 10,
                 47999: lr / 10, 48000: lr / 100, 48001: lr / 100, 63999: lr / 100}
@@ -472,7 +468,7 @@ def test_warm_up_is_lr_0_01_for_the_first_400_iterations(stage, lr):
     """§6: --warm-up gives lr 0.01 for iterations 0..399, then the schedule (stages 2-3 default to
     0.01 already, so a visible lr is set there)."""
     argv = ["train", ARCH[stage], "--device", "cpu", "--warm-up"] + (["--lr", str(lr)] if lr else [])
-    a = engine.parse_args(STAGES[stage], argv)
+    a = settings.parse_args(STAGES[stage], argv)
     lr = a.lr
     assert lr != 0.01
     for step, value in {0: 0.01, 398: 0.01, 399: 0.01, 400: lr, 401: lr, 32000: lr / 10}.items():
@@ -480,7 +476,7 @@ def test_warm_up_is_lr_0_01_for_the_first_400_iterations(stage, lr):
 
 
 def test_step_ratio_is_honoured():
-    a = engine.parse_args(STAGES["base"], ["train", "resnet20", "--device", "cpu", "--step-ratio", "0.5",
+    a = settings.parse_args(STAGES["base"], ["train", "resnet20", "--device", "cpu", "--step-ratio", "0.5",
                                            "--lr-steps", "10", "20", "30"])
     assert [engine.learning_rate(a, s) for s in (9, 10, 20, 29, 30)] == pytest.approx([0.1, 0.05, 0.025, 0.025, 0.0125])
 
@@ -623,12 +619,8 @@ def test_a_finite_loss_takes_one_sgd_step_on_fresh_gradients():
 @pytest.fixture(scope="module")
 def small_synthetic():
     """The synthetic dataset shrunk to 64 training and 40 test images, one thread."""
-    saved = data.SYNTHETIC_SIZES, torch.get_num_threads()
-    data.SYNTHETIC_SIZES = (64, 40)
-    torch.set_num_threads(1)
-    yield
-    data.SYNTHETIC_SIZES = saved[0]
-    torch.set_num_threads(saved[1])
+    with shrink_synthetic(64, 40):
+        yield
 
 
 class Recorder:

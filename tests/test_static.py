@@ -11,14 +11,16 @@ import pytest
 import torch
 
 import engine
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import search_policy
 import significance
 import train_base
 import train_dfs
 import train_gate_init
 from checkpoint import load_checkpoint
-from helpers import DEVICE, images, randomize_bn, spread_gate
+from evaluation import model_config
+from helpers import DEVICE, images, randomize_bn, small_synthetic, spread_gate
 from models import build_model, parse_policy
 
 PAPER = ("skip", 8, 16, "full")
@@ -73,9 +75,15 @@ def test_parse_policy():
         parse_policy("x,8,8", PAPER, 3)
 
 
+@pytest.fixture(autouse=True)
+def small_world():
+    with small_synthetic(160, 64):
+        yield
+
+
 def stages(tmp_path, options="skip,8,full"):
     """Stage 1 and 2 on synthetic data with a held-out split; returns the stage-2 checkpoint."""
-    common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--val-size", "64",
+    common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--val-size", "32",
               "--print-freq", "1"]
     assert engine.main(train_base.STAGE, ["train", "resnet20", *common, "--iters", "2",
                                           "--save-folder", str(tmp_path / "base")]) == 0
@@ -96,7 +104,7 @@ def test_stage3_with_a_static_policy(tmp_path, capsys):
             "--policy", str(policy_file), "--save-folder", str(tmp_path / "static")]
     assert engine.main(train_dfs.STAGE, argv) == 0
     before, after = load_checkpoint(parent), load_checkpoint(str(tmp_path / "static/dfs_resnet20/checkpoint_latest.pth.tar"))
-    assert after["policy"] == ["skip", "8-bit", "full", "8-bit", "skip", "full", "full", "8-bit"]
+    assert model_config(after)["policy"] == ["skip", "8-bit", "full", "8-bit", "skip", "full", "full", "8-bit"]
     for key, value in before["model"].items():
         trained = not torch.equal(value, after["model"][key])
         if key.startswith(("gate.", "gate_embeds.", "blocks.1.conv", "blocks.5.conv")):  # blocks 1, 5 skipped
@@ -104,11 +112,11 @@ def test_stage3_with_a_static_policy(tmp_path, capsys):
         elif key.endswith("weight") and key.startswith(("blocks.2.conv", "blocks.3.bn", "fc.")):
             assert trained, key
     out = tmp_path / "r.json"
-    assert evaluation.main([str(tmp_path / "static/dfs_resnet20/model_best.pth.tar"), "--dataset", "synthetic",
+    assert eval_script.main([str(tmp_path / "static/dfs_resnet20/model_best.pth.tar"), "--dataset", "synthetic",
                             "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["computation_percentage"] == 100 * (3 / 16 + 3) / 8  # three 8-bit, three full, two skipped
-    assert record["policy"] == after["policy"]
+    assert record["policy"] == model_config(after)["policy"]
     capsys.readouterr()
     assert engine.main(train_dfs.STAGE, ["train", "dfs_resnet20", *common, "--iters", "3", "--policy", "8",
                                          "--resume", str(tmp_path / "static/dfs_resnet20/checkpoint_latest.pth.tar"),
@@ -182,25 +190,25 @@ def test_controls_keep_counts_and_majority_is_the_static_policy(tmp_path):
     model.eval()
     x, y = images(40), torch.randint(0, 10, (40,), device=DEVICE)
     batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:], y[32:])]
-    real = engine.evaluate(model, batches, per_image=True)
+    real = evaluation.evaluate(model, batches, per_image=True)
     choices = real["choices"]
     assert len({tuple(c) for c in choices.tolist()}) > 1  # the gate does depend on the input
-    controls = evaluation.controls(choices, seed=3)
+    controls = eval_script.controls(choices, seed=3)
     shuffled = controls["shuffled"]
     assert not torch.equal(shuffled, choices)
     for g in range(choices.shape[1]):
         assert torch.equal(torch.bincount(shuffled[:, g], minlength=4), torch.bincount(choices[:, g], minlength=4))
-    assert torch.equal(evaluation.controls(choices, seed=3)["shuffled"], shuffled)  # seeded
-    stats = engine.evaluate(model, batches, force=shuffled, per_image=True)
+    assert torch.equal(eval_script.controls(choices, seed=3)["shuffled"], shuffled)  # seeded
+    stats = evaluation.evaluate(model, batches, force=shuffled, per_image=True)
     assert torch.equal(stats["choices"], shuffled)
     assert stats["computation_percentage"] == real["computation_percentage"]
     majority = controls["majority"][0]
     for g in range(choices.shape[1]):
         assert torch.bincount(choices[:, g], minlength=4)[majority[g]] == torch.bincount(choices[:, g]).max()
-    forced = engine.evaluate(model, batches, force=controls["majority"], per_image=True)
+    forced = evaluation.evaluate(model, batches, force=controls["majority"], per_image=True)
     static = build_model("dfs_resnet20", options=PAPER, policy=[PAPER[k] for k in majority.tolist()]).to(DEVICE)
     static.load_state_dict(model.state_dict())
-    expected = engine.evaluate(static, batches, per_image=True)
+    expected = evaluation.evaluate(static, batches, per_image=True)
     assert torch.equal(forced["correct"], expected["correct"]) and forced["acc"] == expected["acc"]
     assert forced["computation_percentage"] == expected["computation_percentage"]
 
@@ -208,7 +216,7 @@ def test_controls_keep_counts_and_majority_is_the_static_policy(tmp_path):
 def test_eval_controls_and_significance_end_to_end(tmp_path, capsys):
     parent, _ = stages(tmp_path)
     out = tmp_path / "r.json"
-    assert evaluation.main([parent, "--dataset", "synthetic", "--device", "cpu", "--controls",
+    assert eval_script.main([parent, "--dataset", "synthetic", "--device", "cpu", "--controls",
                             "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert set(record["controls"]) == {"shuffled", "majority"}
@@ -221,7 +229,7 @@ def test_eval_controls_and_significance_end_to_end(tmp_path, capsys):
     assert significance.main([str(out), str(shuffled)]) == 0
     assert "McNemar exact p" in capsys.readouterr().out
     plain = tmp_path / "plain.json"
-    assert evaluation.main([parent, "--dataset", "synthetic", "--device", "cpu", "--json", str(plain)]) == 0
+    assert eval_script.main([parent, "--dataset", "synthetic", "--device", "cpu", "--json", str(plain)]) == 0
     assert significance.main([str(out), str(plain)]) == 2
     assert "run eval.py --per-image" in capsys.readouterr().err
 

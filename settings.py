@@ -1,0 +1,199 @@
+"""The command line of the three stages: the authors' flags and ours, validation, and which settings
+define a run (so that continuing a run keeps them). Returns new namespaces; never changes its input.
+"""
+import argparse
+import json
+import math
+
+import torch
+
+import data
+from models import is_gated, parse_options, resolve_name
+from models.dfs_resnet import EXECUTIONS
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported in one line with exit status 2."""
+
+
+TITLES = {"base": "Stage 1: train the plain CIFAR ResNet backbone at full precision.",
+          "gate_init": "Stage 2: train only the gate, backbone frozen, toward full execution.",
+          "dfs": "Stage 3: train backbone and gate together with the budget penalty toward --minimum."}
+
+
+def build_parser(stage):
+    """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags, in groups."""
+    p = argparse.ArgumentParser(description=TITLES.get(stage.name, f"DFS stage {stage.name}"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("cmd", choices=["train", "test"], help="train, or test a checkpoint given with --resume")
+    p.add_argument("arch", help="e.g. resnet38, dfs_resnet38, cifar10_resnet_38, cifar10_rnn_gate_38")
+    a = p.add_argument_group("the authors' flags")
+    a.add_argument("--iters", type=int, default=stage.iters, help="iterations of this stage")
+    a.add_argument("--lr", type=float, default=stage.lr, help="learning rate")
+    a.add_argument("--resume", default="", help="checkpoint of this stage (continue) or of the previous one (start)")
+    a.add_argument("--save-folder", default="save_checkpoints", help="runs go to SAVE_FOLDER/ARCH")
+    a.add_argument("--dataset", "-d", choices=data.DATASETS, help="default: from the arch alias, else cifar10")
+    a.add_argument("--eval-every", type=int, default=1000, help="evaluate and checkpoint every N iterations")
+    a.add_argument("--batch-size", type=int, default=128, help="the global batch")
+    a.add_argument("--print-freq", "--log-interval", type=int, default=100, help="log every N iterations")
+    a.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    a.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    a.add_argument("--step-ratio", type=float, default=0.1, help="lr factor at each of --lr-steps")
+    a.add_argument("--warm-up", action="store_true", help="lr 0.01 for the first 400 iterations")
+    a.add_argument("--workers", type=int, default=0, help="ignored: data is held and augmented in memory")
+    a.add_argument("--verbose", action="store_true", help="accepted: per-option shares are always logged")
+    a.add_argument("--pretrained", action="store_true", help="accepted: the authors' factories ignore it too")
+    a.add_argument("--start-iter", type=int, default=0,
+                   help="only 0: a run continues exactly from --resume SAVE_FOLDER/ARCH/checkpoint_latest.pth.tar")
+    a.add_argument("--proceed", default="False", choices=["True", "False"],
+                   help="only False: --resume of this stage's checkpoint continues it, of the previous stage starts at 0")
+    if stage.gated:
+        a.add_argument("--target-cp", "--minimum", type=float, default=stage.target_cp,
+                       help="target computation percentage in (0, 100]")
+        a.add_argument("--cost-weight", "--beta", type=float, default=1e-5, help="weight of the cost penalty")
+        a.add_argument("--gate-type", default="rnn", choices=["ff", "rnn"], help="only rnn: the paper's LSTM gate")
+        a.add_argument("--computation_cost", "--computation-cost", default="True", choices=["True", "False"],
+                       help="only True: the penalty is always on (--beta 0 turns it off)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", default="data", help="where the dataset is (or is downloaded to)")
+    d.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    d.add_argument("--val-size", type=int, default=0,
+                   help="hold out this many training images to select model_best (0: the test set, as the authors)")
+    r = p.add_argument_group("run (ours)")
+    r.add_argument("--lr-steps", type=int, nargs="*", default=[32000, 48000], help="iterations where lr is multiplied by --step-ratio")
+    r.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and dither")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
+    if stage.gated:
+        r.add_argument("--options", default=None,
+                       help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "
+                            "the checkpoint's, else 'default'")
+        r.add_argument("--execution", choices=EXECUTIONS, default="dynamic",
+                       help="training forward (same numbers either way): dynamic back-propagates only "
+                            "through the options some sample chose (one host sync per block); mixed "
+                            "keeps every option in the autograd graph (no sync; may pay on a GPU)")
+    x = p.add_argument_group("departures from the paper (off by default; README)")
+    x.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
+    # Stages 2-3 accept --sync-bn only to refuse it with the reason (validate_args), so it is not offered there.
+    x.add_argument("--sync-bn", action="store_true",
+                   help=argparse.SUPPRESS if stage.gated else
+                   "under torchrun: batch-norm statistics over the global batch, not per process (CUDA only)")
+    if stage.gated:
+        x.add_argument("--stochastic-act-rounding", action="store_true",
+                       help="the released code's dithered activation rounding")
+    if stage.name == "dfs":
+        x.add_argument("--policy", default=None,
+                       help="a static network instead of the gate (a baseline): one option per gated block, "
+                            "e.g. 8,8,skip,16,... or a JSON file of option names; one name applies to every block")
+    return p
+
+
+def parse_args(stage, argv=None):
+    """Parsed and validated arguments (argparse's usage error and exit status 2 otherwise)."""
+    p = build_parser(stage)
+    try:
+        return validate_args(stage, p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))
+
+
+def given_args(stage, argv=None):
+    """Names of the arguments set on the command line, as opposed to left at their defaults."""
+    p = build_parser(stage)
+    unset = object()  # argparse fills in a default only where the namespace lacks the attribute
+    namespace = argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset))
+    return {name for name, value in vars(p.parse_args(argv, namespace=namespace)).items() if value is not unset}
+
+
+# What defines a run: continuing it takes these from its checkpoint (an explicitly given value
+# that differs is refused). Every other flag may change; options are checked against the model's own.
+RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": "--batch-size",
+                "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
+                "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
+                "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
+                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy"}
+
+
+def continue_run(args, saved, given, where):
+    """The settings to continue a run with: each of RUN_SETTINGS from `saved` (the run's own
+    arguments); one given on the command line with another value is refused. Returns a new namespace."""
+    args = argparse.Namespace(**vars(args))
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    for name, flag in RUN_SETTINGS.items():
+        if name not in saved or not hasattr(args, name):
+            continue
+        if name in given and getattr(args, name) != saved[name]:
+            raise UserError(f"{flag} {show(getattr(args, name))} differs from the run {where} continues "
+                            f"({flag} {show(saved[name])}); leave it out to continue that run")
+        setattr(args, name, saved[name])
+    return args
+
+
+def validate_args(stage, args):
+    """The arguments checked and completed (a new namespace); ValueError carries the message."""
+    args = argparse.Namespace(**vars(args))
+    canonical, implied_classes = resolve_name(args.arch)
+    if is_gated(canonical) != stage.gated:
+        kind = "a gated dfs_resnet / *_rnn_gate_*" if stage.gated else "a plain resnet / *_resnet_*"
+        raise ValueError(f"this stage trains {kind} architecture, got {args.arch}")
+    if args.dataset is None:
+        args.dataset = args.arch.split("_")[0] if implied_classes else "cifar10"
+    if implied_classes and data.NUM_CLASSES[args.dataset] != implied_classes:
+        raise ValueError(f"{args.arch} has {implied_classes} classes but {args.dataset} has "
+                         f"{data.NUM_CLASSES[args.dataset]}")
+    for name in ("iters", "batch_size", "eval_every", "print_freq"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    authors = {"start_iter": (args.start_iter != 0, "--start-iter: a run continues exactly from --resume "
+                                                   "SAVE_FOLDER/ARCH/checkpoint_latest.pth.tar; leave --start-iter out"),
+               "proceed": (args.proceed == "True", "--proceed True is not needed: --resume of this stage's checkpoint "
+                                                   "continues it exactly, of the previous stage starts at iteration 0"),
+               "gate_type": (getattr(args, "gate_type", "rnn") == "ff", "--gate-type ff: only the paper's recurrent "
+                                                                         "gate (rnn) is implemented"),
+               "computation_cost": (getattr(args, "computation_cost", "True") == "False",
+                                    "--computation_cost False: use --beta 0 to train without the cost penalty")}
+    for refused, message in authors.values():
+        if refused:
+            raise ValueError(message)
+    if args.val_size < 0:
+        raise ValueError("--val-size must be >= 0")
+    for name in ("lr", "momentum", "weight_decay", "step_ratio", "cost_weight"):
+        value = getattr(args, name, 0.0)  # cost_weight: gated stages only
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.sync_bn and stage.gated:  # see README, "Several GPUs and machines"
+        raise ValueError("--sync-bn is for stage 1: a gated block may run a batch norm with autograd on one "
+                         "process and without on another, and SyncBatchNorm's backward needs them all")
+    if stage.gated:
+        if args.options is not None:
+            args.options = list(parse_options(args.options))
+        if getattr(args, "policy", None) is not None:
+            args.policy = read_policy(args.policy)
+        if not 0 < args.target_cp <= 100:
+            raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
+    try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
+    return args
+
+
+def read_policy(spec):
+    """--policy's option names: a comma list, or a JSON file holding a list (or {"policy": [...]})."""
+    if not isinstance(spec, str) or not spec.endswith(".json"):
+        return [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    try:
+        with open(spec) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--policy {spec}: cannot read a JSON policy ({getattr(e, 'strerror', None) or e})")
+    value = value.get("policy") if isinstance(value, dict) else value
+    if not isinstance(value, list):
+        raise ValueError(f"--policy {spec}: expected a list of option names (or {{\"policy\": [...]}})")
+    return [str(v) for v in value]
+
+

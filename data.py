@@ -56,6 +56,15 @@ def _load_fashion(data_dir, download):
                  for n in FASHION_FILES]
         if all(paths):
             arrays = [read_idx(p, 2051 if "images" in p.name else 2049) for p in paths]
+            for images, labels, image_path, label_path in ((arrays[0], arrays[1], paths[0], paths[1]),
+                                                           (arrays[2], arrays[3], paths[2], paths[3])):
+                if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+                    raise DatasetError(f"{image_path} holds images of shape {list(images.shape[1:])}, not 28x28")
+                if labels.dim() != 1 or len(labels) != len(images):
+                    raise DatasetError(f"{label_path} holds {labels.numel()} labels for the {len(images)} "
+                                       f"images of {image_path}")
+                if len(labels) and int(labels.max()) >= 10:
+                    raise DatasetError(f"{label_path} holds label {int(labels.max())}; fashion-mnist has 10 classes")
             break
     else:
         if not download:
@@ -113,10 +122,25 @@ def load_arrays(name, data_dir, download=False):
     if name not in NUM_CLASSES:
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "synthetic":
-        return _synthetic()
-    if name == "fashion-mnist":
-        return _load_fashion(Path(data_dir), download)
-    return _load_torchvision(name, Path(data_dir), download)
+        arrays = _synthetic()
+    elif name == "fashion-mnist":
+        arrays = _load_fashion(Path(data_dir), download)
+    else:
+        arrays = _load_torchvision(name, Path(data_dir), download)
+    return check_arrays(name, data_dir, arrays)
+
+
+def check_arrays(name, data_dir, arrays):
+    """The arrays as load_arrays promises them, or a one-line DatasetError (before any training)."""
+    for split, x, y in (("training", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])):
+        where = f"{name} ({split} set, from {data_dir})"
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            raise DatasetError(f"{where}: images are {x.dtype} {list(x.shape)}, expected uint8 [N, 3, 32, 32]")
+        if y.dim() != 1 or len(y) != len(x) or len(y) == 0:
+            raise DatasetError(f"{where}: {y.numel()} labels for {len(x)} images")
+        if int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES[name]:
+            raise DatasetError(f"{where}: labels span {int(y.min())}..{int(y.max())}, expected 0..{NUM_CLASSES[name] - 1}")
+    return arrays
 
 
 class Batches:

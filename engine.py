@@ -271,15 +271,24 @@ def log_train(run, loss, logits, decisions, cp, y, lr, seconds, writer, say):
     """The compact per-interval line and its TensorBoard scalars, over the global batch."""
     # One reduction: each process's loss is its share of the global loss (see budget_loss); the
     # rest are sums of correct answers, samples and per-option choices over blocks.
-    usage = decisions.detach().sum((0, 1)) if decisions is not None else loss.new_zeros(0)
+    per_block = decisions.detach().sum(0) if decisions is not None else loss.new_zeros(0, 0)  # [G, O]
     totals = distributed.all_sum(torch.cat([(loss.detach() / distributed.world_size()).reshape(1),
                                             (logits.argmax(1) == y).sum().reshape(1).to(loss.dtype),
-                                            loss.new_tensor([len(y)]), usage.to(loss.dtype)])).tolist()
-    loss, acc, n, usage = totals[0], 100 * totals[1] / totals[2], totals[2], totals[3:]
+                                            loss.new_tensor([len(y)]), per_block.flatten().to(loss.dtype)])).tolist()
+    loss, acc, n = totals[0], 100 * totals[1] / totals[2], totals[2]
+    per_block = torch.tensor(totals[3:]).view(per_block.shape) / n  # share of the batch per block and option
+    usage = (per_block.sum(0) * n).tolist()
     line = f"iter {run.step}/{run.args.iters}  loss {loss:.4f}  acc {acc:.1f}  lr {lr:g}"
     if cp is not None:
         line += f"  cp {float(cp):.2f}"
     say(f"{line}  {seconds * 1000:.0f} ms/iter")
+    if distributed.is_main():
+        record = {"step": run.step, "split": "train", "loss": loss, "acc": acc, "lr": lr,
+                  "seconds_per_iter": seconds}
+        if cp is not None:
+            record.update(computation_percentage=float(cp), target=run.args.target_cp,
+                          option_names=run.model.option_names, block_shares=per_block.tolist())
+        runfolder.append_record(run.folder, record, runfolder.TRAIN_LOG)
     if writer is not None:
         writer.add_scalar("train/loss", loss, run.step)
         writer.add_scalar("train/acc", acc, run.step)
@@ -315,7 +324,12 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     stream = data.infinite(run.train_batches)
     main_process = distributed.is_main()  # the only process that prints
     bar = tqdm(total=args.iters, initial=run.step, disable=not (main_process and sys.stderr.isatty()), leave=False)
-    say = (bar.write if not bar.disable else print) if main_process else (lambda line: None)
+    show = bar.write if not bar.disable else print
+
+    def say(line):  # process 0: the console, and train.log with the time
+        if main_process:
+            show(line)
+            runfolder.append_text(run.folder, f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}")
     tick = time.time()
     with Interrupt() as stop:
         while run.step < args.iters:
@@ -343,6 +357,9 @@ def train(run, loss_fn, eval_batches, split, writer=None):
                           file=sys.stderr)
                 return 128 + signum
     bar.close()
+    if main_process and run.stage.gated and os.path.exists(os.path.join(run.folder, runfolder.TRAIN_LOG)):
+        import plots
+        say(f"training plot: {plots.plot_training(run.folder)}")
     return 0
 
 
@@ -413,8 +430,10 @@ def run_stage(stage, args, given=frozenset()):
         where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
         if distributed.world_size() > 1:
             where += f" x {distributed.world_size()} processes"
-        print(f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
-              f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
+        line = (f"stage {stage.name}: {args.arch} on {args.dataset}, {where}, torch {torch.__version__}, "
+                f"seed {args.seed}, iterations {run.step}..{args.iters}, saving to {run.folder}")
+        print(line)
+        runfolder.append_text(run.folder, f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}")
         # a resumed run's earlier events past its checkpoint are hidden (TensorBoard drops step >= purge_step)
         writer = folder.summary_writer(purge_step=run.step + 1 if continuing else None)
         return train(run, loss_fn, eval_batches, split, writer)

@@ -19,6 +19,7 @@ import data
 import distributed
 from checkpoint import CheckpointError
 from evaluation import evaluate, format_report, load_model
+from plots import plot
 from settings import UserError
 from significance import pack_bits
 
@@ -73,7 +74,7 @@ def control_record(model, batches, force, name):
     print(f"-- control {name}: top-1 {stats['acc']:.2f} %, computation {stats['computation_percentage']:.2f} %")
     record = {"accuracy": stats["acc"], "computation_percentage": stats["computation_percentage"],
               "bitops_percentage": stats["bitops_percentage"], "decision_distribution": stats["decision_distribution"],
-              "correct_bits": pack_bits(stats["correct"])}
+              "correct_bits": pack_bits(stats["correct"]), "num_samples": stats["num_samples"]}
     if name == "majority":
         record["policy"] = [model.option_names[k] for k in force[0].tolist()]
     return record
@@ -85,67 +86,6 @@ def table(records):
     for r in sorted(records, key=lambda r: r["computation_percentage"]):
         rows.append(f"| {r['computation_percentage']:.2f} | {r['accuracy']:.2f} | {r['arch']} | {r['checkpoint']} |")
     return "\n".join(rows)
-
-
-def plot(records, folder):
-    """accuracy_vs_computation.png and decision_distribution.png in `folder`."""
-    os.makedirs(folder, exist_ok=True)
-    plot_accuracy(records, os.path.join(folder, "accuracy_vs_computation.png"))
-    plot_decisions([r for r in records if r["decision_distribution"]],
-                   os.path.join(folder, "decision_distribution.png"))
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_accuracy(records, path):
-    """One line of top-1 accuracy against computation percentage."""
-    plt = _pyplot()
-    records = sorted(records, key=lambda r: r["computation_percentage"])
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot([r["computation_percentage"] for r in records], [r["accuracy"] for r in records], "o-")
-    ax.set(xlabel="computation percentage (%)", ylabel="top-1 accuracy (%)", title="accuracy vs computation")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def option_colour(name):
-    """One fixed colour per option name in every plot: skip light grey, full black, b bits by b."""
-    import matplotlib
-    if name == "skip":
-        return "#c8c8c8"
-    if name == "full":
-        return "#000000"
-    bits = int(name.removesuffix("-bit"))
-    return matplotlib.colormaps["viridis_r"](min(bits, 16) / 16 * 0.9)
-
-
-def plot_decisions(gated, path):
-    """Per gated record, the share of images choosing each option in every block (stacked bars)."""
-    if not gated:
-        return
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(gated), 1, figsize=(8, 2.2 * len(gated) + 0.6), squeeze=False)
-    for ax, r in zip(axes[:, 0], gated):
-        dist = torch.tensor(r["decision_distribution"]) * 100  # [blocks, options]
-        blocks = range(2, len(dist) + 2)  # paper numbering: block 1 is never gated
-        bottom = torch.zeros(len(dist))
-        for k, name in enumerate(r["option_names"]):
-            ax.bar(blocks, dist[:, k], bottom=bottom, label=name, width=0.8, color=option_colour(name))
-            bottom += dist[:, k]
-        ax.set(ylabel="% of images", ylim=(0, 100), xticks=list(blocks),
-               title=f"{r['arch']}: {r['computation_percentage']:.1f} % computation, {r['accuracy']:.2f} % top-1")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes[-1, 0].set_xlabel("block")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):

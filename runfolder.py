@@ -18,6 +18,7 @@ import threading
 from checkpoint import CheckpointError, load_checkpoint
 
 LATEST, BEST, LOG, ARGS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "log.jsonl", "args.json"
+TRAIN_LOG, TEXT_LOG, PLOT = "train.jsonl", "train.log", "training.png"  # per logging interval; console; plot
 EVENTS = "events.out.tfevents.*"
 LOCK = ".lock"
 TEMPORARY = ".tmp-*"  # checkpoint.save_checkpoint's temporary files
@@ -48,11 +49,17 @@ def writing(path):
         raise WriteError(path, e) from e
 
 
-def append_record(folder, record):
-    """One JSON line in the run's log (log.jsonl); WriteError names the file if it cannot be written."""
-    path = os.path.join(folder, LOG)
+def append_record(folder, record, name=LOG):
+    """One JSON line in a log of the run (log.jsonl: evaluations; train.jsonl: training intervals);
+    WriteError names the file if it cannot be written."""
+    append_text(folder, json.dumps(record), name)
+
+
+def append_text(folder, line, name=TEXT_LOG):
+    """One line at the end of a file of the run (train.log: the console lines, with their time)."""
+    path = os.path.join(folder, name)
     with writing(path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 
 
 def last_checkpoint(folder):
@@ -110,13 +117,19 @@ def matching(folder, pattern):
 
 def run_files(folder):
     """The files of a run (checkpoints, log, args, TensorBoard events, stale temporary files)."""
-    names = [os.path.join(folder, n) for n in (LATEST, BEST, LOG, ARGS)]
+    names = [os.path.join(folder, n) for n in (LATEST, BEST, LOG, ARGS, TRAIN_LOG, TEXT_LOG, PLOT)]
     return [p for p in names if os.path.exists(p)] + matching(folder, EVENTS) + matching(folder, TEMPORARY)
 
 
 def truncate_log(folder, step):
-    """Keep the log.jsonl records up to `step` (a resumed run logs the later ones again)."""
-    path = os.path.join(folder, LOG)
+    """Keep the log.jsonl and train.jsonl records up to `step` (a resumed run logs the later ones again).
+    train.log, the console's text, is only appended to (a resume starts with its own line)."""
+    for name in (LOG, TRAIN_LOG):
+        _truncate(folder, name, step)
+
+
+def _truncate(folder, name, step):
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -129,7 +142,7 @@ def truncate_log(folder, step):
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a failed write
     if keep != lines:
-        tmp = os.path.join(folder, ".tmp-" + LOG)  # a stale one is removed by the next claim
+        tmp = os.path.join(folder, ".tmp-" + name)  # a stale one is removed by the next claim
         with writing(path):
             with open(tmp, "w") as f:
                 f.writelines(keep)

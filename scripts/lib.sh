@@ -21,7 +21,7 @@ pick_python() {
     if [ -z "${PYTHON:-}" ]; then
         if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
     fi
-    if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null; then
+    if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" >/dev/null 2>&1; then
         echo "error: $PYTHON has no torch; create the environment with: bash scripts/setup.sh" >&2
         exit 2
     fi

@@ -99,7 +99,7 @@ def train_all(runs):
 
 def release_and_evaluate(done, wall, out):
     """Weights-only checkpoints, their test-set evaluation, results.json and the plots."""
-    import eval as evaluation
+    import plots
     from checkpoint import export_weights
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     records = []
@@ -124,7 +124,7 @@ def release_and_evaluate(done, wall, out):
     plot_methods(records, os.path.join(out, "accuracy_vs_computation.png"))
     dfs = sorted((r for r in records if r["method"].startswith("dfs") and r["seed"] == SEED),
                  key=lambda r: (r["method"], r["target"]))
-    evaluation.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %", option_names=r["options"])
+    plots.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %", option_names=r["options"])
                                for r in dfs],
                               os.path.join(out, "decision_distribution.png"))
     return records

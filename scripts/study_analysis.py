@@ -14,13 +14,13 @@ import significance  # noqa: E402
 ROUND1 = os.path.join(ROOT, "results", "fashion-mnist", "results.json")
 
 
-def correct(record):
-    return significance.unpack_bits(record["correct_bits"], record["num_samples"])
+def correct(record, n):
+    return significance.unpack_bits(record["correct_bits"], record.get("num_samples", n))
 
 
 def paired(a, b):
-    """(A - B in points, McNemar p) for two test records (or control records) on the same images."""
-    ca, cb = correct(a), correct(b)
+    """(A - B in points, McNemar p) for two test records (or a record and its control) on the same images."""
+    ca, cb = correct(a, a["num_samples"]), correct(b, a["num_samples"])
     return significance.paired_difference(ca, cb)[0], significance.mcnemar_exact(ca, cb)
 
 
@@ -80,7 +80,7 @@ def controls(runs):
             "DFS - majority (p) |", "|---|---:|---:|---|---|---|---|"]
     by_group = {}
     for r in sorted((r for r in runs.values() if r.get("method", "").startswith("dfs") and "test" in r),
-                    key=lambda r: r["name"]):
+                    key=lambda r: r["name"]):  # every run record but the pilot has a name
         t, c = r["test"], r["test"]["controls"]
         ds, ps = paired(t, c["shuffled"])
         dm, pm = paired(t, c["majority"])
@@ -209,7 +209,7 @@ def plot(runs, path):
 
 
 def plot_decisions(runs, path):
-    import eval as evaluation
-    gated = [dict(r["test"], arch=r["name"]) for r in sorted(runs.values(), key=lambda r: r["name"])
+    import plots
+    gated = [dict(r["test"], arch=name) for name, r in sorted(runs.items())
              if r.get("method", "").startswith("dfs") and "test" in r and r["seed"] == 0]
-    evaluation.plot_decisions(gated, path)
+    plots.plot_decisions(gated, path)

@@ -1,5 +1,6 @@
 """What the command line says: --help with defaults and groups, the authors' flags and script names,
 the stage scripts' folders and Python, and one-line errors where a user would otherwise get a traceback."""
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,55 @@ def test_stage_scripts_say_how_to_make_the_environment(tmp_path):
     fake.chmod(0o755)
     r = run(["bash", "scripts/train_base.sh"], env={"PYTHON": str(fake), "SAVE": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.strip() == f"error: {fake} has no torch; create the environment with: bash scripts/setup.sh"
+
+
+def test_a_gated_run_records_each_interval_and_plots_its_budget(tmp_path):
+    """train.jsonl per logging interval (loss, accuracy, lr, computation % against the target, each
+    block's option shares), train.log with the console lines and their time, training.png at the end."""
+    import engine
+    import plots
+    from helpers import small_synthetic
+    common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--print-freq", "2"]
+    with small_synthetic(64, 32):
+        assert engine.main(train_base.STAGE, ["train", "resnet20", *common, "--iters", "2",
+                                              "--save-folder", str(tmp_path / "base")]) == 0
+        assert engine.main(train_gate_init.STAGE, [
+            "train", "dfs_resnet20", *common, "--iters", "4", "--options", "skip,8,full", "--minimum", "40",
+            "--resume", str(tmp_path / "base/resnet20/model_best.pth.tar"), "--save-folder", str(tmp_path / "g")]) == 0
+    folder = tmp_path / "g" / "dfs_resnet20"
+    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and all(r["split"] == "train" for r in records)
+    for r in records:
+        shares = torch.tensor(r["block_shares"])
+        assert shares.shape == (8, 3) and torch.allclose(shares.sum(1), torch.ones(8))
+        cp = 100 * (shares @ torch.tensor([0.0, 1 / 16, 1.0])).mean()
+        assert abs(r["computation_percentage"] - float(cp)) < 1e-4  # the last batch's, as its shares
+        assert r["target"] == 40 and r["lr"] == 0.01 and r["option_names"] == ["skip", "8-bit", "full"]
+    text = (folder / "train.log").read_text().splitlines()
+    assert text[0].endswith(f"saving to {folder}") and any(" iter 4/4  loss " in line for line in text)
+    assert all(line[:4].isdigit() and line[10] == " " for line in text)  # a timestamp on every line
+    png = folder / "training.png"
+    assert png.stat().st_size > 5000
+    png.unlink()
+    assert plots.main([str(folder)]) == 0 and png.is_file()  # on demand, from the run folder
+    assert plots.main([str(tmp_path / "base" / "resnet20")]) == 2  # no gate, nothing to plot
+
+
+def test_plots_keep_one_colour_per_option_name(tmp_path, monkeypatch):
+    import plots
+    drawn = []
+    real = plots._pyplot()
+    monkeypatch.setattr(real.Axes, "bar", lambda self, *a, **kw: drawn.append((kw["label"], kw["color"])))
+    records = [{"arch": "a", "computation_percentage": 10.0, "accuracy": 90.0, "option_names": ["skip", "8-bit", "full"],
+                "decision_distribution": [[0.2, 0.3, 0.5]]},
+               {"arch": "b", "computation_percentage": 5.0, "accuracy": 89.0, "option_names": ["skip", "4-bit", "8-bit", "16-bit", "full"],
+                "decision_distribution": [[0.2, 0.2, 0.2, 0.2, 0.2]]}]
+    plots.plot_decisions(records, str(tmp_path / "d.png"))
+    colours = {}
+    for name, colour in drawn:
+        assert colours.setdefault(name, colour) == colour  # the same name, the same colour, in every panel
+    assert len(set(map(str, colours.values()))) == len(colours) == 5
+    plots.plot_accuracy([dict(r, checkpoint=f"save/run{r['arch']}/dfs_resnet20/model_best.pth.tar") for r in records],
+                        str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    assert plots.run_label({"checkpoint": "save/DFS_cp50/dfs_resnet20/model_best.pth.tar"}) == "DFS_cp50"

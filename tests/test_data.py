@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 import sys
 import types
@@ -268,3 +269,36 @@ def test_svhn_errors(tmp_path, monkeypatch):
         data.load_arrays("svhn", tmp_path)
     msg = str(err.value)
     assert "\n" not in msg and "train_32x32.mat" in msg and "--download" in msg
+
+
+@pytest.mark.parametrize("fault,words", [
+    ("label 12", "t10k-labels-idx1-ubyte.gz holds label 12; fashion-mnist has 10 classes"),
+    ("fewer labels", "train-labels-idx1-ubyte.gz holds 2 labels for the 3 images of"),
+    ("image shape", "train-images-idx3-ubyte holds images of shape [28, 27], not 28x28")])
+def test_bad_fashion_files_are_named_in_one_line_before_training(fault, words, tmp_path, capsys):
+    import engine
+    import train_base
+    folder = tmp_path / "fashion-mnist"
+    write_fake_fashion(folder)
+    if fault == "label 12":
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", 2049, torch.tensor([0, 12], dtype=torch.uint8))
+    elif fault == "fewer labels":
+        write_idx(folder / "train-labels-idx1-ubyte.gz", 2049, torch.tensor([0, 1], dtype=torch.uint8))
+    else:
+        write_idx(folder / "train-images-idx3-ubyte", 2051, torch.zeros(3, 28, 27, dtype=torch.uint8))
+    rc = engine.main(train_base.STAGE, ["train", "resnet20", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                                        "--device", "cpu", "--save-folder", str(tmp_path / "save")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and words in err[0]
+    assert not (tmp_path / "save" / "resnet20" / "checkpoint_latest.pth.tar").exists()
+
+
+def test_arrays_are_checked_whatever_their_source():
+    x, y = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    assert data.check_arrays("cifar10", "d", (x, y, x, y))[1] is y
+    for bad, words in [((x.float(), y, x, y), "images are torch.float32"),
+                       ((x, y[:3], x, y), "3 labels for 4 images"),
+                       ((x, y, x, y - 1), "test set, from d): labels span -1..2"),
+                       ((x[:, :1], y, x, y), "expected uint8 [N, 3, 32, 32]")]:
+        with pytest.raises(data.DatasetError, match=re.escape(words)):
+            data.check_arrays("cifar10", "d", bad)

@@ -117,7 +117,8 @@ def test_stage_1_by_the_shell_script_in_two_processes(backbone, tmp_path):
     folder, stdout = backbone
     assert stdout.count("stage base: resnet20 on synthetic, cpu x 2 processes") == 1
     assert stdout.count("eval iter 2:") == 1 and stdout.count("iter 1/2 ") == 1
-    assert files(folder) == ["args.json", "checkpoint_latest.pth.tar", "events", "log.jsonl", "model_best.pth.tar"]
+    assert files(folder) == ["args.json", "checkpoint_latest.pth.tar", "events", "log.jsonl", "model_best.pth.tar",
+                             "train.jsonl", "train.log"]
     assert [r["step"] for r in log_records(folder)] == [2]
     ckpt = load_checkpoint(str(folder / "checkpoint_latest.pth.tar"))
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng_by_rank"]) == 2
@@ -135,7 +136,8 @@ def test_two_processes_run_each_stage_with_one_writer(worker):
     assert stdout.count("iter 1/4 ") == 2  # straight and interrupted; the NaN run stops before its line
     for run, evals in (("gate_init", [2]), ("straight", [2, 4])):
         folder = out / run / "dfs_resnet20"
-        assert files(folder) == ["args.json", "checkpoint_latest.pth.tar", "events", "log.jsonl", "model_best.pth.tar"]
+        assert files(folder) == ["args.json", "checkpoint_latest.pth.tar", "events", "log.jsonl", "model_best.pth.tar",
+                                 "train.jsonl", "train.log", "training.png"]
         assert [r["step"] for r in log_records(folder)] == evals
     ckpt = load_checkpoint(str(out / "straight" / "dfs_resnet20" / "checkpoint_latest.pth.tar"))
     assert ckpt["stage"] == "dfs" and ckpt["step"] == 4 and ckpt["world_size"] == 2

@@ -108,7 +108,7 @@ def build_from_checkpoint(stage, args, ckpt):
     config = {"name": resolve_name(args.arch)[0], "num_classes": data.NUM_CLASSES[args.dataset],
               "options": args.options if stage.gated else None,
               "stochastic_act_rounding": getattr(args, "stochastic_act_rounding", False),
-              "policy": getattr(args, "policy", None)}
+              "policy": getattr(args, "policy", None), "costs": getattr(args, "costs", None)}
     continuing = False
     if ckpt is not None:
         where, saved = args.resume, model_config(ckpt)
@@ -127,13 +127,13 @@ def build_from_checkpoint(stage, args, ckpt):
             raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
                             f"{expected}a '{stage.name}' checkpoint to continue")
         if continuing or testing:
-            config["policy"] = saved["policy"]
+            config["policy"], config["costs"] = saved["policy"], saved.get("costs")
         elif saved["policy"] is not None:
             raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
     try:
         model = model_from_config(config)
     except ValueError as e:
-        raise UserError(f"--policy: {e}")
+        raise UserError(f"{'--costs' if 'cost' in str(e) else '--policy'}: {e}")
     if ckpt is not None:
         try:
             if stage.gated and not is_gated(ckpt["arch"]):
@@ -191,7 +191,8 @@ class Run:
             "name": resolve_name(self.args.arch)[0], "num_classes": self.model.num_classes,
             "options": list(self.model.options) if self.stage.gated else None,
             "stochastic_act_rounding": getattr(self.args, "stochastic_act_rounding", False),
-            "policy": self.model.policy_names() if self.stage.gated else None}
+            "policy": self.model.policy_names() if self.stage.gated else None,
+            "costs": getattr(self.args, "costs", None)}
         return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "best_acc": self.best_acc, "stage": self.stage.name,
                 "model_config": config,  # and, for older readers, its three keys of format 1:

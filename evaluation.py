@@ -96,7 +96,7 @@ def model_config(ckpt):
 def model_from_config(config):
     """A new model from a config record (ValueError on bad values)."""
     return build_model(config["name"], config["num_classes"], config.get("options"),
-                       bool(config.get("stochastic_act_rounding", False)), config.get("policy"))
+                       bool(config.get("stochastic_act_rounding", False)), config.get("policy"), config.get("costs"))
 
 
 def load_model(path, device):

@@ -82,6 +82,10 @@ def build_parser(stage):
     if stage.gated:
         x.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding")
+    if stage.gated:
+        x.add_argument("--costs", default=None,
+                       help="a JSON cost table instead of (b/32)^2 for the penalty and the computation percentage: "
+                            "{option name: cost relative to full} or a list of one per gated block (e.g. measured latency)")
     if stage.name == "dfs":
         x.add_argument("--policy", default=None,
                        help="a static network instead of the gate (a baseline): one option per gated block, "
@@ -112,7 +116,7 @@ RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": 
                 "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
                 "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
                 "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
-                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy"}
+                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy", "costs": "--costs"}
 
 
 def continue_run(args, saved, given, where):
@@ -173,6 +177,8 @@ def validate_args(stage, args):
             args.options = list(parse_options(args.options))
         if getattr(args, "policy", None) is not None:
             args.policy = read_policy(args.policy)
+        if args.costs is not None:
+            args.costs = read_json(args.costs, "--costs")
         if not 0 < args.target_cp <= 100:
             raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
     try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
@@ -180,6 +186,15 @@ def validate_args(stage, args):
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
     return args
+
+
+def read_json(path, flag):
+    """The JSON value of a file given to `flag`; ValueError in one line if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as JSON ({getattr(e, 'strerror', None) or e})")
 
 
 def read_policy(spec):

@@ -75,6 +75,27 @@ def option_costs(options):
     return torch.tensor([table[o] if isinstance(o, str) else (o / 32) ** 2 for o in options])
 
 
+def parse_costs(spec, options, num_blocks):
+    """A measured cost table (a departure: the paper charges (b/32)^2) as a tensor: [O] from
+    {option name: cost}, or [G, O] from a list of one such mapping per gated block. Costs are
+    relative to a full-precision block; every option named exactly once; ValueError otherwise."""
+    names = option_names(options)
+    rows = spec if isinstance(spec, list) else [spec]
+    if isinstance(spec, list) and len(rows) != num_blocks:
+        raise ValueError(f"a per-block cost table needs {num_blocks} rows (one per gated block), got {len(rows)}")
+    table = []
+    for row in rows:
+        if not isinstance(row, dict) or set(row) != set(names):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"a cost table names each option exactly once: {names}, got {got}")
+        values = [row[n] for n in names]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in values):
+            raise ValueError(f"costs must be finite numbers >= 0, got {values}")
+        table.append([float(v) for v in values])
+    costs = torch.tensor(table)
+    return costs if isinstance(spec, list) else costs[0]
+
+
 def computation_percentage(decisions, costs, block_weights=None, fixed=0.0):
     """Computation percentage of a set of samples (spec §4).
 

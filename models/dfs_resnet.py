@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from models.cost import (computation_percentage, option_bits, option_costs, option_names,
-                         parse_options, parse_policy)
+                         parse_costs, parse_options, parse_policy)
 from models.gate import GateEmbedding, LSTMGate
 from models.resnet import CifarResNet, init_weights
 from quantize import input_range
@@ -61,9 +61,11 @@ class DFSResNet(CifarResNet):
 
     policy: a static network (not the paper's; a baseline): one option per gated block for
     every input (e.g. ("skip", 8, 8, ...)), the gate unused. `forward` then runs it by default.
+    costs: a measured cost table instead of (b/32)^2 for the penalty and the computation percentage.
     """
 
-    def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None):
+    def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None,
+                 costs=None):
         super().__init__(depth, num_classes, stochastic_act_rounding)
         self.options = parse_options(options)
         self.option_names = option_names(self.options)
@@ -73,7 +75,9 @@ class DFSResNet(CifarResNet):
         self.gate = LSTMGate(len(self.options))
         init_weights(self.gate_embeds)
         init_weights(self.gate)
-        self.register_buffer("option_costs", option_costs(self.options), persistent=False)
+        # costs: the paper's (b/32)^2, or a measured table ([O] or [G, O]; a departure, `parse_costs`)
+        table = option_costs(self.options) if costs is None else parse_costs(costs, self.options, len(self.gate_embeds))
+        self.register_buffer("option_costs", table, persistent=False)
         self._register_macs()
 
     def _register_macs(self):
@@ -84,7 +88,7 @@ class DFSResNet(CifarResNet):
         self.fixed_macs = macs[self.conv1] + block[0] + macs[self.fc]  # stem, block 1, classifier
         self.register_buffer("block_macs", torch.tensor(block[1:], dtype=torch.float32), persistent=False)
         skip_share = torch.tensor(skip, dtype=torch.float32) / self.block_macs
-        bitops = self.option_costs.repeat(len(skip), 1)  # [G, O], relative to the block at full
+        bitops = option_costs(self.options).repeat(len(skip), 1)  # [G, O] BitOPs relative to the block at full
         executed = torch.ones_like(bitops)
         if "skip" in self.options:
             bitops[:, self.options.index("skip")] = skip_share  # the projection shortcut, full precision

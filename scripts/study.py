@@ -99,7 +99,6 @@ def train_all(runs):
 
 def release_and_evaluate(done, wall, out):
     """Weights-only checkpoints, their test-set evaluation, results.json and the plots."""
-    import plots
     from checkpoint import export_weights
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     records = []
@@ -121,13 +120,18 @@ def release_and_evaluate(done, wall, out):
         json.dump(records, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown_table(records) + "\n")
+    draw(records, out)
+    return records
+
+
+def draw(records, out):
+    """The two plots of the round from its records."""
+    import plots
     plot_methods(records, os.path.join(out, "accuracy_vs_computation.png"))
     dfs = sorted((r for r in records if r["method"].startswith("dfs") and r["seed"] == SEED),
                  key=lambda r: (r["method"], r["target"]))
     plots.plot_decisions([dict(r, arch=f"{r['method']} target {r['target']} %", option_names=r["options"])
-                               for r in dfs],
-                              os.path.join(out, "decision_distribution.png"))
-    return records
+                          for r in dfs], os.path.join(out, "decision_distribution.png"))
 
 
 def markdown_table(records):
@@ -143,23 +147,28 @@ def markdown_table(records):
 
 
 def plot_methods(records, path):
-    """Accuracy against computation percentage: a line per gated method, points for the others."""
+    """Accuracy against computation percentage: one marker per run (filled: seed 0, open: seed 1),
+    never a line across runs; a second panel zooms on the runs within a point of the backbone."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    styles = {"dfs": ("o-", "DFS (skip, 8, 16, full)"), "skipnet": ("s-", "SkipNet-style (skip, full)"),
-              "dfs-released": ("D", "DFS, released options (7)"), "static-8": ("^", "static 8-bit"),
-              "static-16": ("v", "static 16-bit"), "backbone": ("*", "full-precision backbone")}
-    for method, (style, label) in styles.items():
-        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["computation_percentage"])
-        if rs:
-            ax.plot([r["computation_percentage"] for r in rs], [r["accuracy"] for r in rs], style,
-                    label=label, markersize=9 if method == "backbone" else 6)
-    ax.set(xlabel="computation percentage (%)", ylabel="top-1 test accuracy (%)",
-           title="ResNet-20, Fashion-MNIST")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"dfs": ("o", "tab:blue", "DFS (skip, 8, 16, full)"), "skipnet": ("s", "tab:orange", "SkipNet-style (skip, full)"),
+              "dfs-released": ("D", "tab:green", "DFS, released options (7)"), "static-8": ("^", "tab:red", "static 8-bit"),
+              "static-16": ("v", "tab:purple", "static 16-bit"), "backbone": ("*", "black", "full-precision backbone")}
+    best = max(r["accuracy"] for r in records)
+    for ax, zoom in zip(axes, (False, True)):
+        for method, (marker, colour, label) in styles.items():
+            for seed in (0, 1):
+                rs = [r for r in records if r["method"] == method and r["seed"] == seed and (not zoom or r["accuracy"] > best - 1)]
+                if rs:
+                    ax.scatter([r["computation_percentage"] for r in rs], [r["accuracy"] for r in rs], marker=marker,
+                               s=80 if method == "backbone" else 36, label=f"{label}, seed {seed}",
+                               facecolors=colour if seed == 0 else "none", edgecolors=colour)
+        ax.set(xlabel="computation percentage (%)", ylabel="top-1 test accuracy (%)",
+               title="zoom: within 1 point of the best" if zoom else "ResNet-20, Fashion-MNIST, round 1")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -169,7 +178,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study"))
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fashion-mnist"))
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots from OUT/results.json")
     args = p.parse_args()
+    if args.plot_only:
+        draw(json.load(open(os.path.join(args.out, "results.json"))), args.out)
+        return
     t = time.time()
     done, wall = train_all(args.runs)
     records = release_and_evaluate(done, wall, args.out)

@@ -174,11 +174,18 @@ COLOURS = {"dfs-lowbit": "tab:blue", "static-counterpart": "tab:orange", "dfs-pa
            "static-uniform-2": "tab:red", "static-uniform-3": "tab:purple"}
 
 
+def backbone_accuracy():
+    """Round 1's backbone, the starting point of every round-2 run (test top-1, from its record)."""
+    import json
+    return next(r["accuracy"] for r in json.load(open(ROUND1)) if r["method"] == "backbone")
+
+
 def plot(runs, path):
     """One marker per run; per method and budget the mean with its 95 % t-interval; no lines across runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    backbone = backbone_accuracy()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, zoom in zip(axes, (False, True)):
         for method, colour in COLOURS.items():
@@ -195,8 +202,10 @@ def plot(runs, path):
                     cp = sum(r["test"]["computation_percentage"] for r in g) / len(g)
                     mean, lo, hi = significance.t_interval([r["test"]["accuracy"] for r in g])
                     ax.errorbar([cp], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color=colour, capsize=3, ms=5)
+        ax.axhline(backbone, color="black", linestyle=":", linewidth=1,
+                   label=f"full-precision backbone ({backbone:.2f} %, 100 % computation)")
         ax.set(xlabel="computation percentage (test, %)", ylabel="top-1 test accuracy (%)",
-               title="zoom: top 3 points" if zoom else "ResNet-20, Fashion-MNIST, round 2")
+               title="zoom: within 3 points of the best run" if zoom else "ResNet-20, Fashion-MNIST, round 2")
         ax.grid(alpha=0.3)
         if zoom:
             best = [r["test"]["accuracy"] for r in runs.values() if "test" in r]

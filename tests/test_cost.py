@@ -261,3 +261,69 @@ def test_complexity_hand_mix():
     assert c["bitops_percentage"].item() == pytest.approx(100 * (full + s1_bitops) / 2 / full, rel=1e-6)
     # the paper's percentage ignores the MACs weights: (8 * 1 + 7 * 1/4 + 0) / 16
     assert m.computation_percentage(d).item() == pytest.approx(100 * (8 + 7 / 4) / 16)
+
+
+# --------------------------------------------------------------------------- --costs (a departure)
+
+def test_a_cost_table_drives_the_percentage_and_the_penalty():
+    from models.cost import parse_costs
+    options = ("skip", 8, "full")
+    table = {"skip": 0.25, "8-bit": 0.5, "full": 1.0}  # e.g. measured latency relative to full
+    m = build_model("dfs_resnet20", options=options, costs=table).to(DEVICE)
+    assert m.option_costs.tolist() == [0.25, 0.5, 1.0]
+    d = onehot([[0, 1, 2, 2, 0, 0, 1, 2], [2, 2, 2, 2, 2, 2, 2, 2]], 3)
+    # sample 1: 3 x 0.25 + 2 x 0.5 + 3 x 1 = 4.75 of 8; sample 2: 8 of 8 -> (4.75 + 8) / 16
+    assert m.computation_percentage(d).item() == 100 * 12.75 / 16
+    assert cost_penalty(d, m.option_costs).item() == 12.75
+    # per block: block g charges g + 1 times the per-option table
+    per_block = [{k: v * (g + 1) for k, v in table.items()} for g in range(8)]
+    mb = build_model("dfs_resnet20", options=options, costs=per_block).to(DEVICE)
+    assert mb.option_costs.shape == (8, 3)
+    expected = sum((g + 1) * [0.25, 0.5, 1.0][k] for g, k in enumerate([0, 1, 2, 2, 0, 0, 1, 2])) + 8 * 4.5 * 1.0
+    assert cost_penalty(d, mb.option_costs).item() == pytest.approx(expected)
+    # BitOPs stay the paper's, whatever the cost table
+    assert torch.equal(mb.bitops_table, build_model("dfs_resnet20", options=options).to(DEVICE).bitops_table)
+    for bad, words in [({"skip": 0, "8-bit": 1}, "names each option exactly once"),
+                       ({"skip": 0, "8-bit": 1, "full": -1}, "finite numbers >= 0"),
+                       ([table] * 3, "needs 8 rows")]:
+        with pytest.raises(ValueError, match=words):
+            parse_costs(bad, options, 8)
+
+
+def test_without_a_cost_table_the_costs_are_the_papers_bit_for_bit():
+    for options in (PRESETS["default"], PRESETS["paper"], ("skip", 2, 3, 4)):
+        m = build_model("dfs_resnet20", options=options)
+        assert torch.equal(m.option_costs, option_costs(options))
+        same = build_model("dfs_resnet20", options=options,
+                           costs=dict(zip(m.option_names, option_costs(options).tolist())))
+        assert torch.equal(same.option_costs, m.option_costs)
+
+
+def test_stage_3_trains_and_logs_with_the_file_costs(tmp_path):
+    import json
+
+    import engine
+    import train_base
+    import train_dfs
+    from evaluation import load_model
+    from helpers import small_synthetic
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"skip": 0.1, "8-bit": 0.9, "full": 1.0}))
+    common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--print-freq", "1"]
+    with small_synthetic(64, 32):
+        assert engine.main(train_base.STAGE, ["train", "resnet20", *common, "--iters", "1",
+                                              "--save-folder", str(tmp_path / "b")]) == 0
+        import train_gate_init
+        assert engine.main(train_gate_init.STAGE, [
+            "train", "dfs_resnet20", *common, "--iters", "1", "--options", "skip,8,full",
+            "--resume", str(tmp_path / "b/resnet20/model_best.pth.tar"), "--save-folder", str(tmp_path / "g")]) == 0
+        assert engine.main(train_dfs.STAGE, [
+            "train", "dfs_resnet20", *common, "--iters", "2", "--costs", str(costs), "--minimum", "50",
+            "--resume", str(tmp_path / "g/dfs_resnet20/checkpoint_latest.pth.tar"), "--save-folder", str(tmp_path / "d")]) == 0
+    folder = tmp_path / "d" / "dfs_resnet20"
+    for line in (folder / "train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        shares = torch.tensor(r["block_shares"])
+        assert r["computation_percentage"] == pytest.approx(100 * float((shares @ torch.tensor([0.1, 0.9, 1.0])).mean()), abs=1e-4)
+    model, _ = load_model(str(folder / "model_best.pth.tar"), "cpu")  # eval rebuilds the same table
+    assert model.option_costs.tolist() == pytest.approx([0.1, 0.9, 1.0])

@@ -44,6 +44,14 @@ def evaluate_checkpoint(path, args):
             "dataset": dataset, "stage": ckpt["stage"], "step": ckpt["step"]}
     if getattr(model, "policy", None) is not None:
         record["policy"] = model.policy_names()
+    if args.time and hasattr(model, "options"):
+        from timing import time_against_plain
+        x, _ = next(iter(batches))
+        record["timing"] = time_against_plain(model, x, torch.device(args.device), args.time_repeats)
+        t = record["timing"]
+        print("measured eval time vs the plain ResNet with the same weights: " + ", ".join(
+            f"batch {k.split('_')[1]} {v['time_percentage']:.1f} % ({v['gated_ms']:.2f} vs {v['plain_ms']:.2f} ms)"
+            for k, v in t.items() if k.startswith("batch_")) + f"; {t['hardware']['threads']} threads, {t['hardware']['device']}")
     if per_image:
         record["correct_bits"] = pack_bits(stats["correct"])
     if args.controls:
@@ -81,10 +89,16 @@ def control_record(model, batches, force, name):
 
 
 def table(records):
-    """Accuracy-vs-computation table, sorted by computation percentage."""
-    rows = ["| computation % | top-1 % | arch | checkpoint |", "|---:|---:|---|---|"]
+    """Accuracy-vs-computation table, sorted by computation percentage (with measured time if --time)."""
+    timed = any("timing" in r for r in records)
+    rows = ["| computation % |" + (" measured time %, eval batch / batch 1 |" if timed else "") + " top-1 % | arch | checkpoint |",
+            "|---:|" + ("---:|" if timed else "") + "---:|---|---|"]
     for r in sorted(records, key=lambda r: r["computation_percentage"]):
-        rows.append(f"| {r['computation_percentage']:.2f} | {r['accuracy']:.2f} | {r['arch']} | {r['checkpoint']} |")
+        t = r.get("timing")
+        measured = (" / ".join(f"{v['time_percentage']:.1f}" for k, v in t.items() if k.startswith("batch_")) + " |"
+                    if t else " - |") if timed else ""
+        rows.append(f"| {r['computation_percentage']:.2f} |{measured} {r['accuracy']:.2f} | "
+                    f"{r['arch']} | {r['checkpoint']} |")
     return "\n".join(rows)
 
 
@@ -105,6 +119,10 @@ def main(argv=None):
                    help="also evaluate the gate's decisions shuffled across images per block, and each "
                         "block's majority option for every image (implies --per-image)")
     p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled control")
+    p.add_argument("--time", action="store_true",
+                   help="also measure eval time with the gate's decisions on the first test batch against the "
+                        "plain ResNet with the same weights, at that batch size and at 1 (round-robin medians)")
+    p.add_argument("--time-repeats", type=int, default=5)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")

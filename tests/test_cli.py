@@ -165,3 +165,44 @@ def test_plots_keep_one_colour_per_option_name(tmp_path, monkeypatch):
                         str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").stat().st_size > 1000
     assert plots.run_label({"checkpoint": "save/DFS_cp50/dfs_resnet20/model_best.pth.tar"}) == "DFS_cp50"
+
+
+def test_measured_time_and_a_latency_table_that_feeds_costs(tmp_path, capsys):
+    """eval.py --time reports measured time next to computation percentage; the latency table's
+    --costs-out file is a valid --costs table (the timing values themselves are not asserted)."""
+    import importlib
+    import sys as _sys
+    _sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    latency = importlib.import_module("latency_table")
+    from models import build_model
+    from models.cost import parse_costs
+    out, costs = tmp_path / "lat.json", tmp_path / "costs.json"
+    assert latency.main(["--depth", "20", "--batch-size", "2", "--options", "skip,8,full", "--repeats", "1",
+                         "--round-ms", "1", "--device", "cpu", "--json", str(out), "--costs-out", str(costs)]) == 0
+    table = json.loads(costs.read_text())
+    assert len(table) == 8 and all(row["full"] == 1.0 for row in table)
+    assert parse_costs(table, ("skip", 8, "full"), 8).shape == (8, 3)
+    assert json.loads(out.read_text())["hardware"]["threads"] >= 1
+    from timing import time_against_plain
+    model = build_model("dfs_resnet20", options="skip,8,full").eval()
+    t = time_against_plain(model, torch.randn(4, 3, 32, 32), torch.device("cpu"), repeats=1, round_ms=1)
+    assert set(t) == {"hardware", "repeats", "batch_4", "batch_1"}
+    assert t["batch_4"]["time_percentage"] == 100 * t["batch_4"]["gated_ms"] / t["batch_4"]["plain_ms"]
+
+
+def test_eval_time_flag_end_to_end(tmp_path, capsys):
+    import eval as eval_script
+    from checkpoint import save_checkpoint
+    from models import build_model
+    model = build_model("dfs_resnet20", options="skip,8,full")
+    path = tmp_path / "m.pth.tar"
+    save_checkpoint({"model": model.state_dict(), "stage": "dfs", "arch": "dfs_resnet20", "num_classes": 10,
+                     "step": 0, "options": ["skip", 8, "full"], "args": {"dataset": "synthetic"}}, str(path))
+    out = tmp_path / "r.json"
+    assert eval_script.main([str(path), str(path), "--device", "cpu", "--time", "--time-repeats", "1",
+                             "--batch-size", "8", "--json", str(out), "--plot-dir", str(tmp_path / "p")]) == 0
+    printed = capsys.readouterr().out
+    assert "measured eval time vs the plain ResNet with the same weights: batch 8 " in printed
+    assert "| computation % | measured time %, eval batch / batch 1 | top-1 % |" in printed
+    records = json.loads(out.read_text())
+    assert all(set(r["timing"]) >= {"batch_8", "batch_1", "hardware"} for r in records)

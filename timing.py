@@ -1,0 +1,68 @@
+"""Wall-clock timing shared by eval.py --time and benchmarks/latency_table.py.
+
+Configurations are timed round-robin: a warm-up call each, then `repeats` rounds in which every
+configuration runs back to back for about `round_ms`; each figure is the median of its rounds, so
+ratios between configurations share the machine's conditions. CUDA times come from CUDA events.
+"""
+import platform
+import statistics
+import time
+
+import torch
+
+
+def milliseconds(fn, device, calls=1):
+    """Milliseconds per call of `calls` back-to-back calls of fn()."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / calls
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return 1000 * (time.perf_counter() - t) / calls
+
+
+def round_robin(jobs, device, repeats=5, round_ms=300.0):
+    """{name: median milliseconds per call} of the callables in `jobs`, timed round-robin."""
+    calls = {name: max(1, round(round_ms / max(milliseconds(fn, device), 1e-3))) for name, fn in jobs.items()}
+    times = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            times[name].append(milliseconds(fn, device, calls[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def hardware(device):
+    """Where a timing was measured."""
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+@torch.no_grad()
+def time_against_plain(model, x, device, repeats=5, round_ms=300.0):
+    """Eval time of a gated model with its own decisions on `x`, against the plain ResNet with the
+    same weights (the gate removed, every block at full precision), at batch len(x) and batch 1."""
+    from models import build_model
+    plain = build_model(f"resnet{6 * (len(model.blocks) // 3) + 2}", model.num_classes).to(device)
+    own = model.state_dict()
+    plain.load_state_dict({k: own[k] for k in plain.state_dict()})
+    model.eval()
+    plain.eval()
+    x = x.to(device)
+    jobs = {f"{kind} batch {len(xs)}": (lambda m=m, xs=xs: m(xs))
+            for xs in (x, x[:1]) for kind, m in (("gated", model), ("plain", plain))}
+    ms = round_robin(jobs, device, repeats, round_ms)
+    out = {"hardware": hardware(device), "repeats": repeats}
+    for b in sorted({len(x), 1}, reverse=True):
+        gated, base = ms[f"gated batch {b}"], ms[f"plain batch {b}"]
+        out[f"batch_{b}"] = {"gated_ms": gated, "plain_ms": base, "time_percentage": 100 * gated / base}
+    return out

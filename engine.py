@@ -359,8 +359,12 @@ def train(run, loss_fn, eval_batches, split, writer=None):
                 return 128 + signum
     bar.close()
     if main_process and run.stage.gated and os.path.exists(os.path.join(run.folder, runfolder.TRAIN_LOG)):
-        import plots
-        say(f"training plot: {plots.plot_training(run.folder)}")
+        try:  # a figure, not a result: its failure must not fail a finished run
+            import plots
+            say(f"training plot: {plots.plot_training(run.folder)}")
+        except Exception as e:
+            print(f"warning: training plot not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                  file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 import data
 import distributed
 from checkpoint import CheckpointError
-from evaluation import evaluate, format_report, load_model
+from evaluation import evaluate, format_report, load_model, recalibrate_bn
 from plots import plot
 from settings import UserError
 from significance import pack_bits
@@ -32,7 +32,7 @@ def evaluate_checkpoint(path, args):
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
     batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
                                 device=args.device, rank=distributed.rank(), world_size=distributed.world_size())
-    per_image = args.per_image or args.controls
+    per_image = args.per_image or args.controls or bool(args.recalibrate)
     stats = evaluate(model, batches, per_image=per_image)
     if distributed.is_main():
         print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
@@ -54,6 +54,8 @@ def evaluate_checkpoint(path, args):
             for k, v in t.items() if k.startswith("batch_")) + f"; {t['hardware']['threads']} threads, {t['hardware']['device']}")
     if per_image:
         record["correct_bits"] = pack_bits(stats["correct"])
+    if args.recalibrate:
+        record["recalibrated"] = recalibrated_record(model, ckpt, dataset, batches, args)
     if args.controls:
         if "choices" not in stats or model.policy is not None:
             raise UserError(f"--controls needs a gated network; {path} has no gate to control")
@@ -61,6 +63,24 @@ def evaluate_checkpoint(path, args):
         record["controls"] = {name: control_record(model, batches, force, name)
                               for name, force in controls(stats["choices"], args.control_seed).items()}
     return record
+
+
+def recalibrated_record(model, ckpt, dataset, batches, args):
+    """The checkpoint evaluated again after `recalibrate_bn` on --recalibrate training batches (of its
+    own training split and seed) under its own decisions; the model is restored afterwards."""
+    saved = ckpt.get("args") or {}
+    train, _, _ = data.build_batches(dataset, args.data_dir, args.batch_size, val_size=saved.get("val_size", 0),
+                                     download=args.download, seed=saved.get("seed", 0), device=args.device)
+    stream = data.infinite(train)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    recalibrate_bn(model, [next(stream) for _ in range(args.recalibrate)])
+    stats = evaluate(model, batches, per_image=True)
+    model.load_state_dict(state)
+    print(f"-- BN recalibrated under its own decisions ({args.recalibrate} training batches): "
+          f"top-1 {stats['acc']:.2f} %, computation {stats.get('computation_percentage', 100.0):.2f} %")
+    return {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
+            "decision_distribution": stats.get("decision_distribution"), "batches": args.recalibrate,
+            "correct_bits": pack_bits(stats["correct"]), "num_samples": stats["num_samples"]}
 
 
 def controls(choices, seed):
@@ -119,6 +139,9 @@ def main(argv=None):
                    help="also evaluate the gate's decisions shuffled across images per block, and each "
                         "block's majority option for every image (implies --per-image)")
     p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled control")
+    p.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                   help="also evaluate after re-estimating BN statistics on N training batches under the "
+                        "model's own decisions (a diagnostic; implies --per-image)")
     p.add_argument("--time", action="store_true",
                    help="also measure eval time with the gate's decisions on the first test batch against the "
                         "plain ResNet with the same weights, at that batch size and at 1 (round-robin medians)")

@@ -27,6 +27,8 @@ def evaluate(model, batches, force=None, per_image=False):
     """
     if (force is not None or per_image) and distributed.world_size() > 1:
         raise UserError("per-image evaluation (controls, significance) runs in one process")
+    if force is not None and len(force) and (int(force.min()) < 0 or int(force.max()) >= len(model.options)):
+        raise ValueError(f"force holds option indices outside 0..{len(model.options) - 1}")
     was_training = model.training
     model.eval()
     device, gated = next(model.parameters()).device, hasattr(model, "options")
@@ -47,9 +49,9 @@ def evaluate(model, batches, force=None, per_image=False):
         if per_image:
             hits.append(hit.cpu())
             choices.append(decisions.argmax(2).cpu() if gated else None)
+    model.train(was_training)
     if force is not None and n != len(force):
         raise ValueError(f"force has {len(force)} rows for {n} images")
-    model.train(was_training)
     correct, n = distributed.all_sum(torch.stack([correct, correct.new_tensor(n)])).tolist()
     stats = {"acc": 100 * correct / n, "loss": float(distributed.all_sum(loss)) / n, "num_samples": n}
     if per_image:
@@ -80,6 +82,28 @@ def format_report(stats, option_names=None):
         for i, row in enumerate(stats["decision_distribution"]):
             lines.append(f"{i + 2:>5} " + "".join(f"{100 * v:>7.1f}%" for v in row))
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def recalibrate_bn(model, batches):
+    """Re-estimate every BN's running statistics (a plain average over `batches`) with the model
+    routing each sample as in evaluation, through the option its gate chooses. A diagnostic, not
+    the paper's: DFS training runs every option of a block in train mode, so its BN statistics mix
+    all bitwidths. Activation ranges are left as trained."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta, was_training = [bn.momentum for bn in norms], model.training
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
 
 
 def model_config(ckpt):

@@ -95,8 +95,13 @@ def plot_decisions(gated, path):
 def plot_training(folder, path=None):
     """training.png of a gated run: computation percentage per logging interval with the target, and
     each gated block's option shares over iterations (the last batch of each interval). Returns the path."""
+    records = []
     with open(os.path.join(folder, runfolder.TRAIN_LOG)) as f:
-        records = [json.loads(line) for line in f]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line torn by a failed write
+                pass
     records = [r for r in records if "block_shares" in r]
     if not records:
         raise ValueError(f"{folder} has no training records of a gated run")

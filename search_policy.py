@@ -132,6 +132,9 @@ def main(argv=None):
         saved = ckpt.get("args") or {}
         if not hasattr(model, "options") or not saved.get("val_size"):
             raise CheckpointError(f"{args.checkpoint}: the search needs a gated checkpoint trained with --val-size")
+        if (ckpt.get("model_config") or {}).get("costs") is not None:
+            raise CheckpointError(f"{args.checkpoint} was trained with --costs; the search counts the paper's "
+                                  "(b/32)^2 costs only")
         train, val, _ = data.build_batches(saved["dataset"], args.data_dir, args.batch_size, val_size=saved["val_size"],
                                            seed=saved.get("seed", 0), device=args.device)
         stream = data.infinite(train)

@@ -158,7 +158,7 @@ class DFSResNet(CifarResNet):
         """None, [G] option indices (one per block, for every input) or a [B, G] tensor (per input)."""
         num_options, blocks = len(self.options), len(self.gate_embeds)
         if force_option is None or torch.is_tensor(force_option):
-            if torch.is_tensor(force_option) and force_option.shape[1:] != (blocks,):
+            if torch.is_tensor(force_option) and (force_option.dim() != 2 or force_option.shape[1] != blocks):
                 raise ValueError(f"per-input force_option must be [batch, {blocks}], got {list(force_option.shape)}")
             return force_option
         per_block = [force_option] * blocks if isinstance(force_option, int) else list(force_option)
@@ -180,6 +180,10 @@ class DFSResNet(CifarResNet):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         forced = self.forced_choices(force_option if force_option is not None else self.policy)
+        if torch.is_tensor(forced):
+            if len(forced) != len(x):
+                raise ValueError(f"per-input force_option has {len(forced)} rows for a batch of {len(x)}")
+            forced = forced.to(x.device, non_blocking=True)  # once, not per block
         x = self.blocks[0](self.stem(x))  # block 1 always runs at full precision
         state = self.gate.init_state(x.shape[0], x.device, x.dtype)
         decisions = []
@@ -193,7 +197,7 @@ class DFSResNet(CifarResNet):
             if forced is None:
                 _, hard, state = self.gate(embed(x), state)
             else:
-                hard = torch.nn.functional.one_hot(forced[:, g].to(x.device), len(self.options)).to(x.dtype)
+                hard = torch.nn.functional.one_hot(forced[:, g], len(self.options)).to(x.dtype)
             if self.training or execution == "mixed":
                 x = self.run_all(block, x, hard, sparse=self.training and execution == "dynamic")
             else:

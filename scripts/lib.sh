@@ -40,7 +40,9 @@ run_folder() {
 # need_parent: when RESUME is the previous stage's checkpoint and that file is missing, say which
 # script makes it (exit 2).
 need_parent() {
-    local file="$1" maker="$2"
+    local file="$1" maker="$2" arg
+    shift 2
+    for arg in "$@"; do case "$arg" in --resume|--resume=*) return 0 ;; esac; done  # the user's own --resume
     if [ "${RESUME[1]:-}" = "$file" ] && [ ! -f "$file" ]; then
         echo "error: $file is missing; it is made by $maker" >&2
         exit 2

@@ -186,6 +186,27 @@ class Study:
             print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
 
 
+def posthoc(out, runs_dir):
+    """The control added after the first results (PLAN.md, amendment): each DFS checkpoint evaluated
+    after re-estimating its BN statistics under its own decisions (eval.py --recalibrate 10).
+    Kept in OUT/posthoc.json, apart from the planned records."""
+    path = os.path.join(out, "posthoc.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    runs = json.load(open(os.path.join(out, "results.json")))["runs"]
+    os.makedirs(runs_dir, exist_ok=True)
+    for name, r in sorted(runs.items()):
+        if not r.get("method", "").startswith("dfs") or name in done:
+            continue
+        result = os.path.join(runs_dir, f"{name}.recalibrated.json")
+        cmd = [sys.executable, "eval.py", os.path.join(ROOT, r["test"]["checkpoint"]), "--device", "cpu",
+               "--recalibrate", "10", "--json", result]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        done[name] = json.load(open(result))["recalibrated"]
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+        print(f"{name}: recalibrated top-1 {done[name]['accuracy']:.2f} %", flush=True)
+
+
 def torch_threads():
     import torch
     return torch.get_num_threads()
@@ -197,9 +218,12 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fashion-mnist-dynamic"))
     p.add_argument("--tiers", default="0,1,2,3", help="which tiers of PLAN.md to run")
     p.add_argument("--analyse-only", action="store_true")
+    p.add_argument("--posthoc", action="store_true", help="run the amendment's recalibrated control, then analyse")
     args = p.parse_args()
     study = Study(args.runs, args.out)
-    if not args.analyse_only:
+    if args.posthoc:
+        posthoc(args.out, args.runs)
+    elif not args.analyse_only:
         study.go({int(t) for t in args.tiers.split(",")})
     import study_analysis
     study_analysis.write(study.results, args.out)

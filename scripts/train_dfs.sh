@@ -12,6 +12,6 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
 parent="$(run_folder "$SAVE/full_execution" gated)/checkpoint_latest.pth.tar"
 resume_from "$SAVE/DFS_cp$TARGET/dfs_resnet$DEPTH/checkpoint_latest.pth.tar" "$parent" "$@"
-need_parent "$parent" "scripts/train_gate_init.sh (stage 2)"
+need_parent "$parent" "scripts/train_gate_init.sh (stage 2)" "$@"
 launch train_dfs.py train "dfs_resnet$DEPTH" --dataset "$DATASET" --minimum "$TARGET" --lr 0.01 \
     "${RESUME[@]}" --save-folder "$SAVE/DFS_cp$TARGET" "$@"

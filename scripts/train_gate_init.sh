@@ -12,6 +12,6 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 source scripts/launch.sh  # one process, or torchrun with one per GPU (NPROC=N)
 parent="$(run_folder "$SAVE/backbone" plain)/model_best.pth.tar"
 resume_from "$SAVE/full_execution/dfs_resnet$DEPTH/checkpoint_latest.pth.tar" "$parent" "$@"
-need_parent "$parent" "scripts/train_base.sh (stage 1)"
+need_parent "$parent" "scripts/train_base.sh (stage 1)" "$@"
 launch train_gate_init.py train "dfs_resnet$DEPTH" --dataset "$DATASET" --minimum 100 --lr 0.01 \
     --iters 2000 "${RESUME[@]}" --save-folder "$SAVE/full_execution" "$@"

@@ -253,3 +253,38 @@ def test_significance_by_hand():
     assert torch.equal(significance.unpack_bits(significance.pack_bits(bits), 21), bits)
     with pytest.raises(ValueError, match="a t-interval needs at least two values"):
         significance.t_interval([1.0])
+
+
+def test_recalibration_routes_each_sample_through_its_chosen_option_only():
+    torch.manual_seed(0)
+    model = build_model("dfs_resnet20", options=PAPER).to(DEVICE)
+    for seed in range(3):
+        model(images(8, seed=10 + seed))
+    spread_gate(model)
+    model.eval()
+    x = images(24, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen, decisions = {}, []
+    hooks = [model.blocks[b].bn1.register_forward_hook(lambda m, i, o, b=b: seen.__setitem__(b, seen.get(b, 0) + len(i[0])))
+             for b in range(1, 9)] + [model.register_forward_hook(lambda m, i, o: decisions.append(o[1]))]
+    evaluation.recalibrate_bn(model, [(x[:12], None), (x[12:], None)])
+    for h in hooks:
+        h.remove()
+    choices = torch.cat(decisions).argmax(2)  # the decisions made during the recalibration passes
+    assert len(torch.unique(choices)) > 1
+    for b in range(1, 9):  # gated block b (decision column b - 1): its convs ran for the non-skipping samples only
+        assert seen.get(b, 0) == int((choices[:, b - 1] != 0).sum()), b
+    assert not model.training and all(not m.training for m in model.modules())
+    assert all(bn.momentum == 0.1 for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(".bn" in k or "shortcut_bn" in k or k.startswith("bn1") for k in changed)
+
+
+def test_eval_recalibrate_flag(tmp_path, capsys):
+    parent, _ = stages(tmp_path)
+    out = tmp_path / "r.json"
+    assert eval_script.main([parent, "--dataset", "synthetic", "--device", "cpu", "--recalibrate", "2",
+                             "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["recalibrated"]["batches"] == 2 and "correct_bits" in record["recalibrated"]
+    assert "BN recalibrated under its own decisions" in capsys.readouterr().out

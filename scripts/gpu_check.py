@@ -30,6 +30,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import runfolder  # noqa: E402
+
 TEST_FILES = ["tests/test_quantize.py", "tests/test_models.py", "tests/test_execution.py", "tests/test_spec.py"]
 
 
@@ -149,18 +151,18 @@ def item_stages(device, quick, out):
         steps.append({"command": " ".join(cmd[1:5] + [folder]), "rc": code, "tail": tail if code else ""})
         return os.path.join(save, folder, arch)
     base = stage("train_base.py", "resnet20", "backbone", 2, None)
-    gate = stage("train_gate_init.py", "dfs_resnet20", "full", 2, os.path.join(base, "model_best.pth.tar"))
-    parent = os.path.join(gate, "checkpoint_latest.pth.tar")
+    gate = stage("train_gate_init.py", "dfs_resnet20", "full", 2, os.path.join(base, runfolder.BEST))
+    parent = os.path.join(gate, runfolder.LATEST)
     straight = stage("train_dfs.py", "dfs_resnet20", "dfs", 4, parent)
     split = stage("train_dfs.py", "dfs_resnet20", "split", 2, parent)
-    stage("train_dfs.py", "dfs_resnet20", "split", 4, os.path.join(split, "checkpoint_latest.pth.tar"))
-    code, tail = sh([sys.executable, "eval.py", os.path.join(straight, "model_best.pth.tar"), "--dataset", "synthetic",
+    stage("train_dfs.py", "dfs_resnet20", "split", 4, os.path.join(split, runfolder.LATEST))
+    code, tail = sh([sys.executable, "eval.py", os.path.join(straight, runfolder.BEST), "--dataset", "synthetic",
                      "--device", device.type], env)
     steps.append({"command": "eval.py", "rc": code, "tail": tail if code else ""})
     resume = None
     if all(s["rc"] == 0 for s in steps):
-        a = torch.load(os.path.join(straight, "checkpoint_latest.pth.tar"), weights_only=True)["model"]
-        b = torch.load(os.path.join(split, "checkpoint_latest.pth.tar"), weights_only=True)["model"]
+        a = torch.load(os.path.join(straight, runfolder.LATEST), weights_only=True)["model"]
+        b = torch.load(os.path.join(split, runfolder.LATEST), weights_only=True)["model"]
         resume = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     return {"ok": all(s["rc"] == 0 for s in steps) and resume is not None, "steps": steps,
             "resume_2_plus_2_vs_4_max_abs_difference": resume}

@@ -24,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runfolder  # noqa: E402
+
 DEPTH, SEED = 20, 0
 COMMON = ["--dataset", "fashion-mnist", "--val-size", "5000", "--batch-size", "128", "--print-freq", "50"]
 # Stage schedules (iterations at batch 128; an epoch of the 55,000 training images is 430).
@@ -53,7 +55,7 @@ def sh(cmd, log):
 def stage(runs, script, arch, folder, parent, schedule, args, wall):
     """Run (or resume, or skip) one training run; returns its folder SAVE/ARCH."""
     run = os.path.join(runs, folder, arch)
-    latest = os.path.join(run, "checkpoint_latest.pth.tar")
+    latest = os.path.join(run, runfolder.LATEST)
     start_from = latest if os.path.exists(latest) else parent
     cmd = [sys.executable, script, "train", arch, *COMMON, "--iters", str(schedule["iters"]),
            "--save-folder", os.path.join(runs, folder), "--seed", str(args.get("seed", SEED)),
@@ -85,10 +87,10 @@ def train_all(runs):
     for method, target, seed in RUNS:
         options = OPTION_SETS[method]
         gate = stage(runs, "train_gate_init.py", arch, f"gate_init_{method}",
-                     os.path.join(base, "model_best.pth.tar"), GATE,
+                     os.path.join(base, runfolder.BEST), GATE,
                      {"flags": ["--options", options, "--minimum", "100"]}, wall)
         name = f"{method}_cp{target}_s{seed}" if target else f"{method}_s{seed}"
-        run = stage(runs, "train_dfs.py", arch, name, os.path.join(gate, "checkpoint_latest.pth.tar"),
+        run = stage(runs, "train_dfs.py", arch, name, os.path.join(gate, runfolder.LATEST),
                     DFS, {"seed": seed, "flags": ["--options", options, "--minimum", str(target or 100)]}, wall)
         save_wall()
         done[name] = (run, dict(method=method, options=options, target=target, seed=seed,
@@ -104,7 +106,7 @@ def release_and_evaluate(done, wall, out):
     records = []
     for name, (run, fields) in done.items():
         path = os.path.join(out, "checkpoints", f"{name}.pth")
-        export_weights(os.path.join(run, "model_best.pth.tar"), path)
+        export_weights(os.path.join(run, runfolder.BEST), path)
         result_path = os.path.join(out, "eval", f"{name}.json")
         os.makedirs(os.path.dirname(result_path), exist_ok=True)
         sh([sys.executable, "eval.py", os.path.relpath(path, ROOT), "--device", "cpu",

@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runfolder  # noqa: E402
+
 BACKBONE = os.path.join(ROOT, "results", "fashion-mnist", "checkpoints", "backbone.pth")
 ARCH = "dfs_resnet20"
 COMMON = ["--dataset", "fashion-mnist", "--val-size", "5000", "--batch-size", "128", "--print-freq", "50"]
@@ -90,7 +92,7 @@ class Study:
     def train(self, script, name, parent, flags):
         """Run (resume, or skip) one stage; returns (run folder, wall seconds)."""
         folder = os.path.join(self.runs, name, ARCH)
-        latest = os.path.join(folder, "checkpoint_latest.pth.tar")
+        latest = os.path.join(folder, runfolder.LATEST)
         cmd = [sys.executable, script, "train", ARCH, *COMMON, "--save-folder", os.path.join(self.runs, name),
                "--resume", latest if os.path.exists(latest) else parent, *flags]
         t = time.time()
@@ -107,11 +109,11 @@ class Study:
 
     def release(self, folder, name):
         from checkpoint import export_weights
-        export_weights(os.path.join(folder, "model_best.pth.tar"), self.released(name))
+        export_weights(os.path.join(folder, runfolder.BEST), self.released(name))
         return self.released(name)
 
     def val_record(self, folder):
-        with open(os.path.join(folder, "log.jsonl")) as f:
+        with open(os.path.join(folder, runfolder.LOG)) as f:
             return [json.loads(line) for line in f][-1]
 
     def run_pilot(self):

@@ -64,7 +64,7 @@ def test_a_released_checkpoint_reproduces_its_record(name, tmp_path):
 def assert_reproduces(got, record):
     """Exact on the machine that made the record. On another CPU the conv kernels (e.g. AVX-512/AMX
     against AVX2) round differently at the ulp level, which can move a value across a quantization
-    step and flip a gate decision near a tie: measured on a Sapphire Rapids VM for dfs_cp20_s0,
+    step and flip a gate decision near a tie: measured on an AVX-512/AMX Xeon VM for dfs_cp20_s0,
     computation percentage 19.79219 against the record's 19.79242, accuracy equal. So: accuracy
     within 2 images of 10,000, and decisions within 0.2 % of the images per block."""
     assert abs(got["accuracy"] - record["accuracy"]) <= 0.02

@@ -25,6 +25,11 @@ def paired(a, b):
     return significance.paired_difference(ca, cb)[0], significance.mcnemar_exact(ca, cb)
 
 
+def fmt_p(p):
+    """A p-value for the tables (exact ones below the float range print as a bound)."""
+    return f"{p:.3g}" if p > 0 else "< 1e-300"
+
+
 def verdict(diffs):
     """The plan's rule: a gain is claimed only if the 95 % t-interval excludes 0 and every seed agrees."""
     if len(diffs) < 2:
@@ -67,7 +72,7 @@ def primary(runs):
                 diffs.append(diff)
                 rows.append(f"| {method} | {budget} | {r['seed']} | {r['val']['computation_percentage']:.2f} / "
                             f"{r['test']['computation_percentage']:.2f} | {s['test']['computation_percentage']:.2f} | "
-                            f"{r['test']['accuracy']:.2f} | {s['test']['accuracy']:.2f} | {diff:+.2f} | {p:.3g} | "
+                            f"{r['test']['accuracy']:.2f} | {s['test']['accuracy']:.2f} | {diff:+.2f} | {fmt_p(p)} | "
                             f"{','.join(o.replace('-bit', '') for o in s['test']['policy'])} |")
             iv, text = verdict(diffs)
             out[(method, budget)] = (diffs, iv, text)
@@ -88,8 +93,8 @@ def controls(runs):
         by_group.setdefault((r["method"], r["target"]), []).append((ds, dm))
         rows.append(f"| {r['name']} | {t['accuracy']:.2f} | {t['computation_percentage']:.2f} | "
                     f"{c['shuffled']['accuracy']:.2f} ({c['shuffled']['computation_percentage']:.2f}) | "
-                    f"{ds:+.2f} ({ps:.3g}) | {c['majority']['accuracy']:.2f} ({c['majority']['computation_percentage']:.2f}) | "
-                    f"{dm:+.2f} ({pm:.3g}) |")
+                    f"{ds:+.2f} ({fmt_p(ps)}) | {c['majority']['accuracy']:.2f} ({c['majority']['computation_percentage']:.2f}) | "
+                    f"{dm:+.2f} ({fmt_p(pm)}) |")
     summary = ["| DFS options | budget % | seeds | DFS - shuffled [95 %] | DFS - majority [95 %] |",
                "|---|---:|---:|---|---|"]
     for (method, budget), pairs in sorted(by_group.items()):
@@ -150,7 +155,7 @@ def recalibrated(runs, extra):
         diff, p = paired(rec, s["test"])
         by_group.setdefault((r["method"], r["target"]), []).append(diff)
         rows.append(f"| {name} | {r['test']['accuracy']:.2f} | {rec['accuracy']:.2f} ({rec['computation_percentage']:.2f}) | "
-                    f"{s['test']['accuracy']:.2f} | {diff:+.2f} ({p:.3g}) |")
+                    f"{s['test']['accuracy']:.2f} | {diff:+.2f} ({fmt_p(p)}) |")
     summary = ["| DFS options | budget % | seeds | recalibrated DFS - static [95 %] |", "|---|---:|---:|---|"]
     for (method, budget), diffs in sorted(by_group.items()):
         iv, text = verdict(diffs)

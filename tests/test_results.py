@@ -72,3 +72,20 @@ def assert_reproduces(got, record):
     assert abs(got["bitops_percentage"] - record["bitops_percentage"]) <= 0.01
     for a, b in zip(got["decision_distribution"], record["decision_distribution"], strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 0.002
+
+
+ROUND2 = os.path.join(ROOT, "results", "fashion-mnist-dynamic", "results.json")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
+@pytest.mark.parametrize("name", ["dfs_lowbit_cp0.8_s0", "static_of_dfs_lowbit_cp0.8_s0"])
+def test_a_round_2_checkpoint_reproduces_its_record(name, tmp_path):
+    with open(ROUND2) as f:
+        record = json.load(f)["runs"][name]["test"]
+    out = tmp_path / "r.json"
+    assert evaluation.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu",
+                            "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert_reproduces(got, record)
+    assert got.get("policy") == record.get("policy")

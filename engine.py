@@ -133,7 +133,7 @@ def build_from_checkpoint(stage, args, ckpt):
     try:
         model = model_from_config(config)
     except ValueError as e:
-        raise UserError(f"{'--costs' if 'cost' in str(e) else '--policy'}: {e}")
+        raise UserError(str(e))  # the policy's or the cost table's own one-line message
     if ckpt is not None:
         try:
             if stage.gated and not is_gated(ckpt["arch"]):

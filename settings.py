@@ -82,7 +82,6 @@ def build_parser(stage):
     if stage.gated:
         x.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding")
-    if stage.gated:
         x.add_argument("--costs", default=None,
                        help="a JSON cost table instead of (b/32)^2 for the penalty and the computation percentage: "
                             "{option name: cost relative to full} or a list of one per gated block (e.g. measured latency)")
@@ -201,11 +200,7 @@ def read_policy(spec):
     """--policy's option names: a comma list, or a JSON file holding a list (or {"policy": [...]})."""
     if not isinstance(spec, str) or not spec.endswith(".json"):
         return [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
-    try:
-        with open(spec) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--policy {spec}: cannot read a JSON policy ({getattr(e, 'strerror', None) or e})")
+    value = read_json(spec, "--policy")
     value = value.get("policy") if isinstance(value, dict) else value
     if not isinstance(value, list):
         raise ValueError(f"--policy {spec}: expected a list of option names (or {{\"policy\": [...]}})")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model  # noqa: E402
 from models.gate import straight_through  # noqa: E402
+from timing import milliseconds  # noqa: E402
 
 # Option shares of the steered patterns (options of the default set; others get 0).
 PATTERNS = {
@@ -84,19 +85,7 @@ class Bench:
 
     def once(self, fn, calls=1):
         """Milliseconds per call of `calls` back-to-back calls."""
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / calls
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return 1000 * (time.perf_counter() - t) / calls
+        return milliseconds(fn, self.device, calls)
 
     def run(self, repeats, round_ms=500):
         """Warm-up round (and memory), then `repeats` rounds; a short job repeats within a round

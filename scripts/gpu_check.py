@@ -101,19 +101,10 @@ def item_sparse_vs_dense(device, quick):
 
 
 def timed(fn, device, repeats):
+    """Seconds per call after one warm-up call (timing.milliseconds)."""
+    from timing import milliseconds
     fn()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / repeats
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+    return milliseconds(fn, device, repeats) / 1000
 
 
 def released_quantize(x, bits, lo, hi):

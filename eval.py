@@ -17,6 +17,7 @@ import torch
 
 import data
 import distributed
+import int8
 from checkpoint import CheckpointError
 from evaluation import evaluate, format_report, load_model, recalibrate_bn
 from plots import plot
@@ -27,6 +28,10 @@ from significance import pack_bits
 def evaluate_checkpoint(path, args):
     """The JSON record of one checkpoint on args.dataset (default: the dataset it was trained on)."""
     model, ckpt = load_model(path, args.device)
+    if args.int8:
+        if any(getattr(m, "stochastic_act_rounding", False) for m in model.modules()):
+            raise UserError(f"--int8: {path} was trained with dithered activation rounding, which int8 does not do")
+        int8.enable(model, fused=args.int8_fused)
     dataset = args.dataset or (ckpt.get("args") or {}).get("dataset") or "cifar10"
     if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
@@ -42,6 +47,8 @@ def evaluate_checkpoint(path, args):
             "bitops_percentage": stats.get("bitops_percentage", 100.0),
             "num_samples": stats["num_samples"], "checkpoint": path, "arch": ckpt["arch"],
             "dataset": dataset, "stage": ckpt["stage"], "step": ckpt["step"]}
+    if args.int8:
+        record["int8"] = "fused" if args.int8_fused else "eager"
     if getattr(model, "policy", None) is not None:
         record["policy"] = model.policy_names()
     if args.time and hasattr(model, "options"):
@@ -50,7 +57,8 @@ def evaluate_checkpoint(path, args):
         record["timing"] = time_against_plain(model, x, torch.device(args.device), args.time_repeats)
         t = record["timing"]
         print("measured eval time vs the plain ResNet with the same weights: " + ", ".join(
-            f"batch {k.split('_')[1]} {v['time_percentage']:.1f} % ({v['gated_ms']:.2f} vs {v['plain_ms']:.2f} ms)"
+            f"batch {k.split('_')[1]} {v['time_percentage']:.1f} % ({v['gated_ms']:.2f} vs {v['plain_ms']:.2f} ms; "
+            f"{v['time_percentage_vs_channels_last']:.1f} % of its channels_last time)"
             for k, v in t.items() if k.startswith("batch_")) + f"; {t['hardware']['threads']} threads, {t['hardware']['device']}")
     if per_image:
         record["correct_bits"] = pack_bits(stats["correct"])
@@ -146,9 +154,19 @@ def main(argv=None):
                    help="also measure eval time with the gate's decisions on the first test batch against the "
                         "plain ResNet with the same weights, at that batch size and at 1 (round-robin medians)")
     p.add_argument("--time-repeats", type=int, default=5)
+    p.add_argument("--int8", action="store_true",
+                   help="run the 8-bit option through oneDNN's int8 convolution (CPU; int8.py): the same codes, "
+                        "results equal to the fake-quantized ones up to fp32 rounding (a departure, off by default)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
+    if args.int8 and not str(args.device).startswith("cpu"):
+        p.error("--int8 runs on the CPU only (oneDNN's int8 convolution); add --device cpu")
+    if args.int8 and not int8.available():
+        p.error("--int8 needs a PyTorch build with oneDNN's quantized convolution (x86 CPU)")
+    args.int8_fused = args.int8 and int8.can_compile()
+    if args.int8 and not args.int8_fused:
+        print("--int8: no C++ compiler for torch.compile, so its elementwise steps run unfused (slower)")
     args.plot_dir = args.plot_dir or ("eval_plots" if len(args.checkpoints) > 1 else None)
     prepare_outputs(p, args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

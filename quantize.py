@@ -74,6 +74,7 @@ class QConv2d(nn.Conv2d):
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self._weight_cache = {}  # bits -> (key, quantized weight); never saved
+        self.int8 = None  # int8.Int8Conv when `eval.py --int8` runs the 8-bit option on oneDNN
 
     def activation_range(self, x, x_range=None):
         """(lo, hi) for the input: batch statistics in training (updating the buffers), else buffers.
@@ -105,6 +106,8 @@ class QConv2d(nn.Conv2d):
     def forward(self, x, bits=None, x_range=None):
         if bits is None:
             return super().forward(x)
+        if self.int8 is not None and bits == 8 and not self.training and not torch.is_grad_enabled():
+            return self.int8(x)
         lo, hi = self.activation_range(x, x_range)
         x = fake_quantize(x, bits, lo, hi, self.stochastic_act_rounding)
         return F.conv2d(x, self.quantized_weight(bits), self.bias, self.stride, self.padding,

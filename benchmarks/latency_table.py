@@ -1,6 +1,6 @@
 """Per-block, per-option eval latency of a DFS network, and a cost table for train_dfs.py --costs.
 
-    python benchmarks/latency_table.py [--depth 38] [--batch-size 128] [--options default] \
+    python benchmarks/latency_table.py [--depth 38] [--batch-size 128] [--options default] [--int8] \
         [--json latency.json] [--costs-out costs.json]
 
 Each gated block runs each option on its real input shape (the features a random batch reaches it
@@ -16,15 +16,19 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import int8  # noqa: E402
 from models import build_model  # noqa: E402
 from timing import hardware, round_robin  # noqa: E402
 
 
 @torch.no_grad()
-def latency_table(depth, batch_size, options, device, repeats=5, round_ms=200.0):
-    """{"ms": [G][O] milliseconds, "option_names", ...} for the gated blocks of a DFS-ResNet."""
+def latency_table(depth, batch_size, options, device, repeats=5, round_ms=200.0, use_int8=False):
+    """{"ms": [G][O] milliseconds, "option_names", ...} for the gated blocks of a DFS-ResNet;
+    use_int8: the 8-bit option through int8.Int8Conv (eval.py --int8)."""
     torch.manual_seed(0)
     model = build_model(f"dfs_resnet{depth}", 10, options).to(device)
+    if use_int8:
+        int8.enable(model, fused=int8.can_compile())
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     model.train()
     model(x)  # non-trivial activation ranges and BN statistics
@@ -38,7 +42,7 @@ def latency_table(depth, batch_size, options, device, repeats=5, round_ms=200.0)
     ms = round_robin(jobs, device, repeats, round_ms)
     table = [[ms[(g, k)] for k in range(len(model.options))] for g in range(len(inputs))]
     return {"depth": depth, "batch_size": batch_size, "option_names": model.option_names, "ms": table,
-            "hardware": hardware(device), "repeats": repeats}
+            "hardware": hardware(device), "repeats": repeats, "int8": use_int8}
 
 
 def cost_table(result):
@@ -56,13 +60,14 @@ def main(argv=None):
     p.add_argument("--round-ms", type=float, default=200.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--int8", action="store_true", help="the 8-bit option through oneDNN int8 (eval.py --int8)")
     p.add_argument("--json", help="write the table here")
     p.add_argument("--costs-out", help="write the per-block cost table for train_dfs.py --costs here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = latency_table(args.depth, args.batch_size, args.options, torch.device(args.device), args.repeats,
-                           args.round_ms)
+                           args.round_ms, args.int8)
     print("block " + "".join(f"{n:>9}" for n in result["option_names"]) + "   (ms, relative to full)")
     costs = cost_table(result) if "full" in result["option_names"] else None
     for g, row in enumerate(result["ms"]):

@@ -188,6 +188,8 @@ def test_measured_time_and_a_latency_table_that_feeds_costs(tmp_path, capsys):
     t = time_against_plain(model, torch.randn(4, 3, 32, 32), torch.device("cpu"), repeats=1, round_ms=1)
     assert set(t) == {"hardware", "repeats", "batch_4", "batch_1"}
     assert t["batch_4"]["time_percentage"] == 100 * t["batch_4"]["gated_ms"] / t["batch_4"]["plain_ms"]
+    assert t["batch_1"]["time_percentage_vs_channels_last"] == \
+        100 * t["batch_1"]["gated_ms"] / t["batch_1"]["plain_channels_last_ms"]
 
 
 def test_eval_time_flag_end_to_end(tmp_path, capsys):

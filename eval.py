@@ -152,7 +152,8 @@ def main(argv=None):
                         "model's own decisions (a diagnostic; implies --per-image)")
     p.add_argument("--time", action="store_true",
                    help="also measure eval time with the gate's decisions on the first test batch against the "
-                        "plain ResNet with the same weights, at that batch size and at 1 (round-robin medians)")
+                        "plain ResNet with the same weights (NCHW and channels_last), at that batch size and at 1 "
+                        "(round-robin medians)")
     p.add_argument("--time-repeats", type=int, default=5)
     p.add_argument("--int8", action="store_true",
                    help="run the 8-bit option through oneDNN's int8 convolution (CPU; int8.py): the same codes, "

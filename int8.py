@@ -78,6 +78,7 @@ class Int8Conv:
         self.weight = torch.cat([codes - 128, ones]).to(torch.int8)
         self.weight_scales = torch.cat([s_w.expand(len(w)), ones.new_ones(1)]).float()
         self.weight_zero_points = torch.zeros(len(w) + 1, dtype=torch.int64)
+        self.zero_point = torch.zeros((), dtype=torch.int64)  # of the codes: padding is code 0
         self.geometry = [list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups]
         self.packed = torch.ops.onednn.qconv_prepack(self.weight, self.weight_scales, 1.0, 0, *self.geometry, None)
         self.offset = lo_w + 128 * s_w  # c_w
@@ -103,7 +104,7 @@ class Int8Conv:
             self._prepare()
             self.key = key
         out = torch.ops.onednn.qconv2d_pointwise.tensor(
-            self.codes(x, self.lo, self.scale), self.scale, torch.zeros((), dtype=torch.int64), self.packed, self.weight_scales,
+            self.codes(x, self.lo, self.scale), self.scale, self.zero_point, self.packed, self.weight_scales,
             self.weight_zero_points, None, *self.geometry, 1.0, 0, torch.float32, "none", [], "")
         return self.combine(out, self._border(x), self.offset)
 
@@ -122,9 +123,9 @@ def enable(model, fused=False):
     for m in model.modules():
         if isinstance(m, QConv2d):
             m.int8 = Int8Conv(m, fused)
-    disable_hook = getattr(model, "_int8_hook", None)
-    if disable_hook is not None:
-        disable_hook.remove()
+    hook = getattr(model, "_int8_hook", None)
+    if hook is not None:  # enabled twice: one hook
+        hook.remove()
     model._int8_hook = model.register_forward_pre_hook(to_channels_last)
     return model.to(memory_format=torch.channels_last)
 

@@ -100,7 +100,8 @@ def measure(depth, batch_sizes, repeats, round_ms):
             int8.disable(model)
             ref = conv(x, 8)
             exact, fused = int8.Int8Conv(conv), int8.Int8Conv(conv, fused=True)
-            x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), conv.weight.contiguous(memory_format=torch.channels_last)
+            cl = torch.channels_last
+            x_cl, w_cl = x.contiguous(memory_format=cl), conv.weight.contiguous(memory_format=cl)
             jobs = {"fp32": lambda: F.conv2d(x, conv.weight, None, conv.stride, conv.padding),
                     "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, None, conv.stride, conv.padding),
                     "fake-quant 8-bit": lambda: conv(x, 8),

@@ -75,9 +75,31 @@ def primary(runs):
                             f"{r['test']['accuracy']:.2f} | {s['test']['accuracy']:.2f} | {diff:+.2f} | {fmt_p(p)} | "
                             f"{','.join(o.replace('-bit', '') for o in s['test']['policy'])} |")
             iv, text = verdict(diffs)
+            failed = [r for r in runs.values() if r.get("method") == "static-counterpart" and "failed" in r
+                      and runs.get(r["match"], {}).get("method") == method and runs[r["match"]]["target"] == budget]
+            if not diffs and failed:
+                reached = sorted({f"{runs[r['match']]['val']['computation_percentage']:.2f}" for r in failed})
+                text = (f"no comparison: DFS ended at {' / '.join(reached)} % (val), where no static policy of "
+                        f"the counterparts' options exists")
             out[(method, budget)] = (diffs, iv, text)
             summary.append(f"| {method} | {budget} | {len(diffs)} | {fmt_interval(iv)} | {text} |")
     return "\n".join(summary), "\n".join(rows), out
+
+
+def budgets(runs):
+    """Did budget control reach the target? Every DFS run's target against its computation percentage,
+    and the options its gate used (share of all block decisions)."""
+    rows = ["| run | target % | val cp % | test cp % | top-1 | options used (share of decisions) |",
+            "|---|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in runs.values() if r.get("method", "").startswith("dfs") and "test" in r),
+                    key=lambda r: (r["method"], r["target"], r["seed"])):
+        t = r["test"]
+        shares = [sum(block[k] for block in t["decision_distribution"]) / len(t["decision_distribution"])
+                  for k in range(len(t["option_names"]))]
+        used = ", ".join(f"{n} {v:.2f}" for n, v in zip(t["option_names"], shares) if v >= 0.005)
+        rows.append(f"| {r['name']} | {r['target']} | {r['val']['computation_percentage']:.2f} | "
+                    f"{t['computation_percentage']:.2f} | {t['accuracy']:.2f} | {used} |")
+    return "\n".join(rows)
 
 
 def controls(runs):
@@ -180,6 +202,10 @@ def write(results, out):
 {summary}
 
 {rows}
+
+## Budget control: where each DFS run ended
+
+{budgets(runs)}
 
 ## Controls: the DFS runs' own decisions without the input dependence (test set, paired)
 

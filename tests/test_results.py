@@ -79,7 +79,7 @@ ROUND2 = os.path.join(ROOT, "results", "fashion-mnist-dynamic", "results.json")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
-@pytest.mark.parametrize("name", ["dfs_lowbit_cp0.8_s0", "static_of_dfs_lowbit_cp0.8_s0"])
+@pytest.mark.parametrize("name", ["dfs_lowbit_cp0.8_s0", "static_of_dfs_lowbit_cp0.8_s0", "dfs_paper_cp0.5_s1"])
 def test_a_round_2_checkpoint_reproduces_its_record(name, tmp_path):
     with open(ROUND2) as f:
         record = json.load(f)["runs"][name]["test"]

@@ -155,7 +155,8 @@ class Study:
             target = self.results["runs"][f["match"]]["val"]["computation_percentage"]
             policy = os.path.join(self.out, "policies", f"{name}.json")
             t = time.time()
-            cmd = [sys.executable, "search_policy.py", parent, "--target", f"{target}", "--out", policy, "--device", "cpu"]
+            cmd = [sys.executable, "search_policy.py", parent, "--target", f"{target}", "--out", policy, "--device", "cpu",
+                   *(["--window", str(f["window"])] if "window" in f else [])]
             with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
                 result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
             if result.returncode != 0:  # e.g. no static policy of that cost: recorded, not fatal
@@ -209,6 +210,27 @@ def posthoc(out, runs_dir):
         print(f"{name}: recalibrated top-1 {done[name]['accuracy']:.2f} %", flush=True)
 
 
+def amendment(study):
+    """Amendment 2 (added after tier 3, outside the plan's rule; PLAN.md): the paper-option DFS runs
+    that skip per input (seeds 1 and 2) never reached a budget where the planned {skip, 2, 3, 4}
+    counterpart exists, so each gets a static counterpart with its own options, searched below its
+    validation cost (window 1 point: those options' static costs are multiples of 0.78 %) and
+    fine-tuned like every static run. Kept in OUT/amendment.json, apart from the planned records."""
+    path = os.path.join(study.out, "amendment.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    for seed in (1, 2):
+        dfs = f"dfs_paper_cp0.5_s{seed}"
+        name = f"paper_static_of_{dfs}"
+        if name in done or dfs not in study.results["runs"]:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        record = study.run(name, "static", dict(options="paper", seed=seed, match=dfs, window=1.0))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        done[name] = dict(record, code_commit=commit.stdout.strip() or None, torch_threads=torch_threads())
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+
+
 def torch_threads():
     import torch
     return torch.get_num_threads()
@@ -221,10 +243,13 @@ def main():
     p.add_argument("--tiers", default="0,1,2,3", help="which tiers of PLAN.md to run")
     p.add_argument("--analyse-only", action="store_true")
     p.add_argument("--posthoc", action="store_true", help="run the amendment's recalibrated control, then analyse")
+    p.add_argument("--amendment", action="store_true", help="run amendment 2's paper-option static counterparts")
     args = p.parse_args()
     study = Study(args.runs, args.out)
     if args.posthoc:
         posthoc(args.out, args.runs)
+    elif args.amendment:
+        amendment(study)
     elif not args.analyse_only:
         study.go({int(t) for t in args.tiers.split(",")})
     import study_analysis

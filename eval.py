@@ -29,9 +29,10 @@ def evaluate_checkpoint(path, args):
     """The JSON record of one checkpoint on args.dataset (default: the dataset it was trained on)."""
     model, ckpt = load_model(path, args.device)
     if args.int8:
-        if any(getattr(m, "stochastic_act_rounding", False) for m in model.modules()):
-            raise UserError(f"--int8: {path} was trained with dithered activation rounding, which int8 does not do")
-        int8.enable(model, fused=args.int8_fused)
+        try:
+            int8.enable(model, fused=args.int8_fused)
+        except ValueError as e:  # e.g. a checkpoint trained with dithered rounding
+            raise UserError(f"{path}: {e}")
     dataset = args.dataset or (ckpt.get("args") or {}).get("dataset") or "cifar10"
     if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
@@ -161,10 +162,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
-    if args.int8 and not str(args.device).startswith("cpu"):
-        p.error("--int8 runs on the CPU only (oneDNN's int8 convolution); add --device cpu")
-    if args.int8 and not int8.available():
-        p.error("--int8 needs a PyTorch build with oneDNN's quantized convolution (x86 CPU)")
+    if args.int8 and int8.unavailable(args.device):
+        p.error(int8.unavailable(args.device))
     args.int8_fused = args.int8 and int8.can_compile()
     if args.int8 and not args.int8_fused:
         print("--int8: no C++ compiler for torch.compile, so its elementwise steps run unfused (slower)")

@@ -31,10 +31,14 @@ from quantize import QConv2d, grid_scale
 BITS = 8
 
 
+def grid_codes(x, lo, scale):
+    """fake_quantize's codes of x on the 8-bit grid, as floats: (x - lo) / scale, rounded, clamped."""
+    return (x - lo).div(scale).round().clamp(0, 2 ** BITS - 1)
+
+
 def codes(x, lo, scale):
-    """fake_quantize's codes (x - lo) / scale, rounded and clamped, as uint8 in channels_last."""
-    codes = (x - lo).div(scale).round().clamp(0, 2 ** BITS - 1)
-    return codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    """The codes of an input, as uint8 in channels_last (the int8 conv's input)."""
+    return grid_codes(x, lo, scale).to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
 
 def combine(out, border, offset):
@@ -59,12 +63,22 @@ def available():
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+def unavailable(device):
+    """Why --int8 cannot run on `device`, in one line, or None if it can."""
+    if torch.device(device).type != "cpu":
+        return "--int8 runs on the CPU only (oneDNN's int8 convolution); add --device cpu"
+    if not available():
+        return "--int8 needs a PyTorch build with oneDNN's quantized convolution (x86 CPU)"
+    return None
+
+
 class Int8Conv:
     """The 8-bit forward of one eval-mode QConv2d through oneDNN's u8 x s8 convolution."""
 
     def __init__(self, conv, fused=False):
         if conv.stochastic_act_rounding:
-            raise ValueError("--int8 computes round-to-nearest codes; the dithered rounding is random")
+            raise ValueError("--int8 computes round-to-nearest codes, not the dithered activation rounding "
+                             "this model uses")
         self.conv, self.key, self.border = conv, None, {}
         self.codes, self.combine = (FUSED["codes"], FUSED["combine"]) if fused else (codes, combine)
 
@@ -73,7 +87,7 @@ class Int8Conv:
         w = conv.weight.detach()
         lo_w, hi_w = torch.aminmax(w)
         s_w = grid_scale(lo_w, hi_w, BITS, w.dtype)
-        codes = (w - lo_w).div_(s_w).round_().clamp_(0, 2 ** BITS - 1)  # fake_quantize's codes
+        codes = grid_codes(w, lo_w, s_w)
         ones = torch.ones_like(codes[:1])  # the extra output channel: Σ k_x
         self.weight = torch.cat([codes - 128, ones]).to(torch.int8)
         self.weight_scales = torch.cat([s_w.expand(len(w)), ones.new_ones(1)]).float()
@@ -116,10 +130,9 @@ def enable(model, fused=False):
     memory format, so that no layer converts between formats; on CPUs this also speeds up the
     fp32 layers, so compare against a channels_last plain network as well (timing.py does).
     fused: the elementwise steps through torch.compile (see FUSED; needs a C++ compiler)."""
-    if not available():
-        raise RuntimeError("--int8 needs a PyTorch build with oneDNN's quantized convolution (x86 CPU)")
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise RuntimeError("--int8 runs on the CPU only (oneDNN); use --device cpu")
+    reason = next(filter(None, (unavailable(p.device) for p in model.parameters())), None)
+    if reason:
+        raise RuntimeError(reason)
     for m in model.modules():
         if isinstance(m, QConv2d):
             m.int8 = Int8Conv(m, fused)

@@ -4,6 +4,7 @@ Configurations are timed round-robin: a warm-up call each, then `repeats` rounds
 configuration runs back to back for about `round_ms`; each figure is the median of its rounds, so
 ratios between configurations share the machine's conditions. CUDA times come from CUDA events.
 """
+import copy
 import platform
 import statistics
 import time
@@ -57,9 +58,7 @@ def time_against_plain(model, x, device, repeats=5, round_ms=300.0):
     plain = build_model(f"resnet{6 * (len(model.blocks) // 3) + 2}", model.num_classes).to(device)
     own = model.state_dict()
     plain.load_state_dict({k: own[k] for k in plain.state_dict()})
-    plain_cl = build_model(f"resnet{6 * (len(model.blocks) // 3) + 2}", model.num_classes).to(device)
-    plain_cl.load_state_dict(plain.state_dict())
-    plain_cl.to(memory_format=torch.channels_last)
+    plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     for m in (model, plain, plain_cl):
         m.eval()
     x = x.to(device)

@@ -33,9 +33,10 @@ from quantize import fake_quantize, grid_scale  # noqa: E402
 from timing import hardware, round_robin  # noqa: E402
 
 
-def conv_shapes(model):
-    """Distinct (in, out, kernel, stride, input size) of the gated blocks' convs, with one input each."""
-    shapes, h = {}, model.blocks[0](model.stem(model.example))
+def conv_shapes(model, images):
+    """Distinct (in, out, kernel, stride, input size) of the gated blocks' convs, with one input each
+    (the features `images` reach it with)."""
+    shapes, h = {}, model.blocks[0](model.stem(images))
     for block in model.blocks[1:]:
         for name in ("conv1", "conv2", "shortcut_conv"):
             conv = getattr(block, name, None)
@@ -67,17 +68,18 @@ def ao_conv(conv, x):
 def int_mm_jobs(conv, x):
     """torch._int_mm over unfolded patches: the GEMM alone, and with F.unfold."""
     k = conv.kernel_size[0]
-    codes = (x - conv.running_min).div(grid_scale(conv.running_min, conv.running_max, 8, x.dtype)).round().clamp(0, 255)
+    codes = int8.grid_codes(x, conv.running_min, grid_scale(conv.running_min, conv.running_max, 8, x.dtype))
     weight = torch.randint(-128, 128, (conv.in_channels * k * k, conv.out_channels), dtype=torch.int8)
-    patches = F.unfold(codes, k, padding=conv.padding, stride=conv.stride).sub_(128).to(torch.int8)
-    rows = patches.transpose(1, 2).reshape(-1, patches.shape[1]).contiguous()
 
-    def with_unfold():
+    def rows():
+        """The signed int8 patches, one row per output pixel (im2col)."""
         p = F.unfold(codes, k, padding=conv.padding, stride=conv.stride).sub_(128).to(torch.int8)
-        return torch._int_mm(p.transpose(1, 2).reshape(-1, p.shape[1]), weight)
-    if len(rows) <= 16:  # _int_mm needs more than 16 rows
+        return p.transpose(1, 2).reshape(-1, p.shape[1])
+    unfolded = rows().contiguous()
+    if len(unfolded) <= 16:  # _int_mm needs more than 16 rows
         return {}
-    return {"_int_mm GEMM only": lambda: torch._int_mm(rows, weight), "_int_mm + unfold": with_unfold}
+    return {"_int_mm GEMM only": lambda: torch._int_mm(unfolded, weight),
+            "_int_mm + unfold": lambda: torch._int_mm(rows(), weight)}
 
 
 @torch.no_grad()
@@ -95,8 +97,8 @@ def measure(depth, batch_sizes, repeats, round_ms):
     cpu = torch.device("cpu")
     out = {"hardware": hardware(cpu), "depth": depth, "repeats": repeats, "convs": [], "network": []}
     for b in batch_sizes:
-        model.example = torch.randn(b, 3, 32, 32)
-        for (cin, cout, k, stride, size), (conv, x) in conv_shapes(model).items():
+        images = torch.randn(b, 3, 32, 32)
+        for (cin, cout, k, stride, size), (conv, x) in conv_shapes(model, images).items():
             int8.disable(model)
             ref = conv(x, 8)
             exact, fused = int8.Int8Conv(conv), int8.Int8Conv(conv, fused=True)
@@ -121,7 +123,7 @@ def measure(depth, batch_sizes, repeats, round_ms):
                   + f"  | error: exact {error['int8 exact (oneDNN)']:.1e}, fused {error['int8 exact, fused']:.1e}, "
                   f"ao {error['torch.ao x86 (approx.)']:.1e}",
                   flush=True)
-        x = model.example
+        x = images
         exact_model, fused_model = (int8.enable(build_model(f"dfs_resnet{depth}", 10, "default"), fused)
                                     for fused in (False, True))
         for m in (exact_model, fused_model):

@@ -30,6 +30,11 @@ def fmt_p(p):
     return f"{p:.3g}" if p > 0 else "< 1e-300"
 
 
+def fmt_policy(policy):
+    """A static policy as a short comma list: skip,8,8,..."""
+    return ",".join(o.replace("-bit", "") for o in policy)
+
+
 def verdict(diffs):
     """The plan's rule: a gain is claimed only if the 95 % t-interval excludes 0 and every seed agrees."""
     if len(diffs) < 2:
@@ -73,7 +78,7 @@ def primary(runs):
                 rows.append(f"| {method} | {budget} | {r['seed']} | {r['val']['computation_percentage']:.2f} / "
                             f"{r['test']['computation_percentage']:.2f} | {s['test']['computation_percentage']:.2f} | "
                             f"{r['test']['accuracy']:.2f} | {s['test']['accuracy']:.2f} | {diff:+.2f} | {fmt_p(p)} | "
-                            f"{','.join(o.replace('-bit', '') for o in s['test']['policy'])} |")
+                            f"{fmt_policy(s['test']['policy'])} |")
             iv, text = verdict(diffs)
             failed = [r for r in runs.values() if r.get("method") == "static-counterpart" and "failed" in r
                       and runs.get(r["match"], {}).get("method") == method and runs[r["match"]]["target"] == budget]
@@ -197,7 +202,7 @@ def amended(runs, amendment):
             continue
         diff, p = paired(r["test"], s["test"])
         rows.append(f"| {s['match']} | {r['test']['computation_percentage']:.2f} | {r['test']['accuracy']:.2f} | "
-                    f"{','.join(o.replace('-bit', '') for o in s['test']['policy'])} | "
+                    f"{fmt_policy(s['test']['policy'])} | "
                     f"{s['test']['computation_percentage']:.2f} | {s['test']['accuracy']:.2f} | {diff:+.2f} ({fmt_p(p)}) |")
     return "\n".join(rows) if amendment else "(not run: `python scripts/study_dynamic.py --amendment`)"
 

@@ -182,8 +182,7 @@ class Study:
             t = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             record = self.run_pilot() if kind == "pilot" else self.run(name, kind, fields)
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-            self.results["runs"][name] = dict(record, tier=tier, code_commit=commit.stdout.strip() or None,
+            self.results["runs"][name] = dict(record, tier=tier, code_commit=code_commit(),
                                               torch_threads=torch_threads())
             self.save()
             print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
@@ -225,10 +224,15 @@ def amendment(study):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         record = study.run(name, "static", dict(options="paper", seed=seed, match=dfs, window=1.0))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        done[name] = dict(record, code_commit=commit.stdout.strip() or None, torch_threads=torch_threads())
+        done[name] = dict(record, code_commit=code_commit(), torch_threads=torch_threads())
         with open(path, "w") as f:
             json.dump(done, f, indent=1)
+
+
+def code_commit():
+    """The short hash of the checkout a run's code came from (None outside git)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return commit.stdout.strip() or None
 
 
 def torch_threads():

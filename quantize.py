@@ -1,4 +1,4 @@
-"""Uniform fake quantization with a straight-through gradient (spec/dfs.md §2, §8).
+"""Uniform fake quantization with a straight-through gradient (docs/spec.md §2, §8).
 
 `fake_quantize` maps a float tensor onto the 2^b-level grid spanning [lo, hi] and back
 to float. `QConv2d` is an `nn.Conv2d` whose forward takes the bitwidth per call:

@@ -1,4 +1,4 @@
-"""Stage 1: train the plain CIFAR ResNet backbone at full precision (spec/dfs.md §6).
+"""Stage 1: train the plain CIFAR ResNet backbone at full precision (docs/spec.md §6).
 
     python train_base.py train cifar10_resnet_38 --dataset cifar10 --save-folder save_checkpoints/backbone
 """

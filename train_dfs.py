@@ -1,4 +1,4 @@
-"""Stage 3: train backbone and gate together with the budget penalty toward --target-cp (spec/dfs.md §6).
+"""Stage 3: train backbone and gate together with the budget penalty toward --target-cp (docs/spec.md §6).
 
     python train_dfs.py train cifar10_rnn_gate_38 --minimum 50 --lr 0.01 \
         --resume save_checkpoints/full_execution/cifar10_rnn_gate_38/checkpoint_latest.pth.tar \

@@ -1,4 +1,4 @@
-"""Stage 2: train only the gate, backbone frozen, toward full execution (spec/dfs.md §6).
+"""Stage 2: train only the gate, backbone frozen, toward full execution (docs/spec.md §6).
 
 Starts from a stage-1 checkpoint (--resume); the backbone's parameters are frozen but the
 model stays in train mode, so BN and activation-range statistics keep updating as in the

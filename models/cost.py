@@ -1,4 +1,4 @@
-"""Execution options and the cost model of DFS (spec/dfs.md §3-§5), defined once.
+"""Execution options and the cost model of DFS (docs/spec.md §3-§5), defined once.
 
 An option list is a tuple whose items are "skip", a bitwidth 1..31, or "full", e.g. the
 released code's ("skip", 8, 10, 12, 14, 16, "full"). Every tensor called `decisions`

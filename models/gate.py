@@ -1,4 +1,4 @@
-"""The recurrent gate of DFS (spec/dfs.md §3).
+"""The recurrent gate of DFS (docs/spec.md §3).
 
 One LSTM (input 10, hidden 10) is shared by all gated blocks; each block owns a small
 embedding (global average pool, then a 1x1 conv to 10 channels) of the previous block's

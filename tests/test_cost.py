@@ -1,4 +1,4 @@
-"""Tests of the option lists, the cost model and the MACs / BitOPs report (spec/dfs.md §3-§5)."""
+"""Tests of the option lists, the cost model and the MACs / BitOPs report (docs/spec.md §3-§5)."""
 from fractions import Fraction
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of the CIFAR ResNet backbone, the gate and the DFS network (spec/dfs.md §1, §3, §5)."""
+"""Tests of the CIFAR ResNet backbone, the gate and the DFS network (docs/spec.md §1, §3, §5)."""
 import inspect
 
 import pytest

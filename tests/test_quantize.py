@@ -1,4 +1,4 @@
-"""Tests of the uniform straight-through quantizer and QConv2d (spec/dfs.md §2, §8)."""
+"""Tests of the uniform straight-through quantizer and QConv2d (docs/spec.md §2, §8)."""
 import os
 
 import pytest

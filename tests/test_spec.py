@@ -1,4 +1,4 @@
-"""Tests that pin the rules of ../shared/spec/dfs.md that no other test file pins (issue #12).
+"""Tests that pin the rules of docs/spec.md that no other test file pins (issue #12).
 
 Each test names the spec section it pins and fails when that rule is broken: a flipped budget
 sign, a detached penalty, a moved schedule boundary, a backbone parameter that trains in stage 2,

@@ -1,7 +1,10 @@
 """One prepared check of everything that needs a GPU; writes OUT/gpu_check.json and OUT/gpu_check.md.
 
-    bash scripts/gpu_check.sh [OUT]                    # on a machine with a CUDA GPU (about 5-8 minutes)
-    python scripts/gpu_check.py --device cpu --quick   # the dry run: the same plumbing on CPU, small (CI)
+    bash scripts/gpu_check.sh [OUT] [FLAGS...]         # on a machine with a CUDA GPU (about 5-8 minutes)
+    bash scripts/gpu_check.sh --device cpu --quick     # the dry run: the same plumbing on CPU, small (CI)
+
+The shell wrapper picks the Python (lib.sh's pick_python), runs from the repository root and passes
+every argument on (a bare first argument is --out).
 
 Needs only torch and the project's files (no tensorboard, matplotlib or internet for the checks
 themselves; the stage runs use what requirements.txt installs when present). Items, each with its
@@ -178,15 +181,20 @@ def item_speed(device, quick, out):
     return {"ok": code == 0, "json": path if code == 0 else None, "tail": tail}
 
 
+ITEMS = ("tests", "sparse_vs_dense", "quantizer", "stages", "torchrun", "speed")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="gpu_check_out")
-    p.add_argument("--quick", action="store_true", help="small sizes (the dry run)")
-    p.add_argument("--only", nargs="+", help="run only these items")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --quick: the dry run)")
+    p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--quick", action="store_true", help="the smallest sizes (the dry run)")
+    p.add_argument("--only", nargs="+", metavar="ITEM", choices=ITEMS,
+                   help=f"run only these items ({', '.join(ITEMS)})")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: nothing to check (python scripts/gpu_check.py --device cpu --quick is the dry run)")
+        print("no CUDA GPU on this machine: nothing to check (bash scripts/gpu_check.sh --device cpu --quick is the dry run)")
         return 0
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -197,6 +205,7 @@ def main(argv=None):
              "stages": lambda: item_stages(device, args.quick, args.out),
              "torchrun": lambda: item_torchrun(device, args.quick, args.out),
              "speed": lambda: item_speed(device, args.quick, args.out)}
+    assert tuple(items) == ITEMS
     for name, fn in items.items():
         if args.only and name not in args.only:
             continue

@@ -4,6 +4,8 @@ Images are held as uint8 [N, 3, 32, 32] with int64 labels; batches are cut, augm
 32 with zero padding 4, horizontal flip) and normalised on the chosen device, with an epoch's
 randomness derived only from (seed, epoch). Fashion-MNIST's 28x28 grayscale images are zero-padded
 by 2 pixels and their channel replicated 3 times, so the CIFAR stem (3->16 conv) is unchanged.
+fashion-mnist-marked is Fashion-MNIST with a seeded half of each split marked with its class (see
+mark): a positive control, in which choosing the computation per input must pay.
 """
 import gzip
 import math
@@ -15,15 +17,23 @@ import torch.nn.functional as F
 
 _CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 # The authors' code normalised CIFAR-100 and SVHN with the CIFAR-10 constants too; kept as is.
+# fashion-mnist-marked is normalised as fashion-mnist, so an unmarked image is the same network input in both
 MEAN_STD = {"cifar10": _CIFAR, "cifar100": _CIFAR, "svhn": _CIFAR,
-            "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3), "synthetic": ((0.5,) * 3, (0.25,) * 3)}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fashion-mnist": 10, "synthetic": 10}
+            "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3), "fashion-mnist-marked": ((0.2860,) * 3, (0.3530,) * 3),
+            "synthetic": ((0.5,) * 3, (0.25,) * 3)}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fashion-mnist": 10, "fashion-mnist-marked": 10,
+               "synthetic": 10}
 DATASETS = tuple(NUM_CLASSES)
 SYNTHETIC_SIZES = (512, 256)
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 _VAL_SPLIT_SEED = 20190101  # not the run seed: every run and stage must hold out the same samples
+MARK_SEED = 20190202  # fashion-mnist-marked's marked halves: "train" draws from MARK_SEED, "test" from MARK_SEED + 1
+# fashion-mnist-marked's colour of class c: hue 36c degrees at full saturation and value (HSV)
+MARK_COLORS = torch.tensor([(255, 0, 0), (255, 153, 0), (204, 255, 0), (51, 255, 0), (0, 255, 102),
+                            (0, 255, 255), (0, 102, 255), (51, 0, 255), (204, 0, 255), (255, 0, 153)],
+                           dtype=torch.uint8)
 
 
 class DatasetError(Exception):
@@ -78,6 +88,36 @@ def _load_fashion(data_dir, download):
     return pad(arrays[0]), arrays[1].long(), pad(arrays[2]), arrays[3].long()
 
 
+def marked_mask(n, split):
+    """Bool [n]: which of a split's n images, in stored order, fashion-mnist-marked marks.
+
+    Exactly n // 2 of them, drawn from MARK_SEED whatever the run seed; `split` is "train" (the
+    60,000 training images, before build_batches holds out --val-size of them) or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    g = torch.Generator().manual_seed(MARK_SEED + (split == "test"))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[:n // 2]] = True
+    return mask
+
+
+def mark(images, labels):
+    """Copies of uint8 [N, 3, 32, 32] images with their 2-pixel border painted MARK_COLORS[label].
+
+    fashion-mnist-marked's marker, which makes a marked image trivially easy. Fashion-MNIST is gray
+    (R = G = B) and its 2-pixel border is the zero padding, so the marker hides nothing and is the
+    image's only colour: the chroma of a pixel (minus its channel mean; 0 on gray) is a 1x1 cue, and
+    after global average pooling the chroma of the mean pixel is the visible border fraction times
+    the class colour's, whose direction gives the class (the ten hues are 36 degrees apart). The
+    training augmentation keeps it: a horizontal flip maps the uniform ring onto itself, and a shift
+    of up to 4 pixels leaves parts of two sides, at least 108 of its 240 pixels, in view."""
+    out = images.clone()
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[2:30, 2:30] = False
+    out[..., ring] = MARK_COLORS[labels].unsqueeze(-1)
+    return out
+
+
 def _synthetic():
     # Noisy copies of random low-frequency class templates: learnable within a few hundred steps
     g = torch.Generator().manual_seed(1234)
@@ -123,8 +163,12 @@ def load_arrays(name, data_dir, download=False):
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "synthetic":
         arrays = _synthetic()
-    elif name == "fashion-mnist":
+    elif name.startswith("fashion-mnist"):
         arrays = _load_fashion(Path(data_dir), download)
+        if name == "fashion-mnist-marked":  # a seeded half of each split marked (see mark)
+            for x, y, split in ((arrays[0], arrays[1], "train"), (arrays[2], arrays[3], "test")):
+                m = marked_mask(len(y), split)
+                x[m] = mark(x[m], y[m])
     else:
         arrays = _load_torchvision(name, Path(data_dir), download)
     return check_arrays(name, data_dir, arrays)

@@ -1,3 +1,4 @@
+import colorsys
 import gzip
 import re
 import struct
@@ -302,3 +303,95 @@ def test_arrays_are_checked_whatever_their_source():
                        ((x[:, :1], y, x, y), "expected uint8 [N, 3, 32, 32]")]:
         with pytest.raises(data.DatasetError, match=re.escape(words)):
             data.check_arrays("cifar10", "d", bad)
+
+
+# ---- fashion-mnist-marked ----
+
+def gray_images(n, seed=0):
+    """Random gray (R = G = B) images with Fashion-MNIST's zero 2-pixel border."""
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, 2:30, 2:30] = random_images(n, seed)[:, :1, :28, :28]
+    return x
+
+
+def test_marker_colours_are_the_documented_hues_and_a_1x1_filter_tells_them_apart():
+    hues = [[round(255 * v) for v in colorsys.hsv_to_rgb(c / 10, 1, 1)] for c in range(10)]
+    assert data.MARK_COLORS.dtype == torch.uint8 and data.MARK_COLORS.tolist() == hues
+    u = data.MARK_COLORS.float() - data.MARK_COLORS.float().mean(1, keepdim=True)  # chroma: 0 on gray
+    gram = u @ u.T  # filter u_c answers colour c more than any other colour, and gray with 0
+    margin = gram.diag()[:, None] - gram
+    assert margin.fill_diagonal_(float("inf")).min() > 0.03 * 255 ** 2
+
+
+def test_mark_paints_only_the_border_and_survives_every_crop_and_flip():
+    x, y = gray_images(20), torch.arange(20) % 10
+    before = x.clone()
+    m = data.mark(x, y)
+    assert torch.equal(x, before) and torch.equal(m[:, :, 2:30, 2:30], x[:, :, 2:30, 2:30])
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[2:30, 2:30] = False
+    assert torch.equal(m[..., ring], data.MARK_COLORS[y, :, None].expand(-1, -1, 240))
+    assert torch.equal(data.mark(x.flip(-1), y), m.flip(-1))  # flipping commutes with marking
+    # every crop and flip of the training augmentation leaves >= 108 marker pixels, and the chroma
+    # of the globally pooled image is the class colour's direction (marked) or exactly 0 (unmarked)
+    dx, dy, flip = (t.flatten() for t in torch.meshgrid(torch.arange(9), torch.arange(9),
+                                                       torch.arange(2), indexing="ij"))
+    idx = torch.arange(len(y)).repeat_interleave(len(dx))
+    aug = [t.repeat(len(y)) for t in (dx, dy, flip.bool())]
+    u = data.MARK_COLORS.float() - data.MARK_COLORS.float().mean(1, keepdim=True)
+    crops = data.Batches.crop_flip(m[idx], *aug)
+    assert (crops != crops[:, :1]).any(1).flatten(1).sum(1).min() == 108
+    pooled = crops.float().mean((2, 3))
+    assert torch.equal(((pooled - pooled.mean(1, keepdim=True)) @ u.T).argmax(1), y[idx])
+    pooled = data.Batches.crop_flip(x[idx], *aug).float().mean((2, 3))
+    assert torch.equal(pooled, pooled[:, :1].expand(-1, 3))
+
+
+def test_marked_mask_is_a_fixed_seeded_half():
+    torch.manual_seed(1)
+    train = data.marked_mask(60000, "train")
+    torch.manual_seed(2)  # the global RNG must not matter
+    assert torch.equal(data.marked_mask(60000, "train"), train)
+    test = data.marked_mask(10000, "test")
+    assert train.dtype == torch.bool and train.sum() == 30000 and test.sum() == 5000
+    g = torch.Generator().manual_seed(data.MARK_SEED + 1)  # the documented recipe
+    assert torch.equal(test.nonzero().flatten(), torch.randperm(10000, generator=g)[:5000].sort().values)
+    # pinned, so that a change of the marked halves (seed, recipe, torch's randperm) is noticed
+    assert test.nonzero()[:8].flatten().tolist() == [1, 2, 3, 5, 10, 11, 12, 13]
+    assert train.nonzero()[:8].flatten().tolist() == [0, 2, 10, 12, 15, 17, 18, 19]
+    assert data.marked_mask(7, "test").sum() == 3
+    with pytest.raises(ValueError):
+        data.marked_mask(10, "val")
+
+
+def check_marked(plain, marked):
+    """fashion-mnist-marked's arrays are fashion-mnist's, with the marked_mask half of each split marked."""
+    for (px, py), (mx, my), split in (((plain[0], plain[1]), (marked[0], marked[1]), "train"),
+                                      ((plain[2], plain[3]), (marked[2], marked[3]), "test")):
+        mask = data.marked_mask(len(py), split)
+        assert torch.equal(my, py) and mx.dtype == torch.uint8
+        assert torch.equal((mx != px).flatten(1).any(1), mask)  # the unmarked are byte-identical
+        assert torch.equal(mx[mask], data.mark(px[mask], py[mask]))
+
+
+def test_fashion_mnist_marked_from_files(tmp_path):
+    write_fake_fashion(tmp_path / "fashion-mnist", n_train=10, n_test=6)
+    plain = data.load_arrays("fashion-mnist", tmp_path)
+    marked = data.load_arrays("fashion-mnist-marked", tmp_path)
+    check_marked(plain, marked)
+    assert "fashion-mnist-marked" in data.DATASETS and data.NUM_CLASSES["fashion-mnist-marked"] == 10
+    assert data.MEAN_STD["fashion-mnist-marked"] == data.MEAN_STD["fashion-mnist"]
+    test = data.test_batches("fashion-mnist-marked", tmp_path, 4)  # in stored order, as marked_mask
+    assert torch.equal(test.images, marked[2]) and torch.equal(test.labels, marked[3])
+    train, val, _ = data.build_batches("fashion-mnist-marked", tmp_path, 4, val_size=3)
+    assert len(train.labels) == 7 and len(val.labels) == 3
+
+
+def test_fashion_mnist_marked_real(tmp_path):
+    try:
+        plain = data.load_arrays("fashion-mnist", tmp_path)
+    except data.DatasetError:
+        pytest.skip("Fashion-MNIST is not installed")
+    marked = data.load_arrays("fashion-mnist-marked", tmp_path)
+    check_marked(plain, marked)
+    assert all(torch.equal(a, b) for a, b in zip(marked, data.load_arrays("fashion-mnist-marked", tmp_path)))

@@ -1,4 +1,4 @@
-"""The training engine shared by the three DFS stages (spec/dfs.md §5-§6).
+"""The training engine shared by the three DFS stages (docs/spec.md §5-§6).
 
 A stage script states only what differs: where its weights come from, what trains, the
 loss and the schedule (a `Stage`); `main(stage)` does the rest: data, model, resume, the
@@ -108,8 +108,9 @@ def build_from_checkpoint(stage, args, ckpt):
     config = {"name": resolve_name(args.arch)[0], "num_classes": data.NUM_CLASSES[args.dataset],
               "options": args.options if stage.gated else None,
               "stochastic_act_rounding": getattr(args, "stochastic_act_rounding", False),
-              "policy": getattr(args, "policy", None), "costs": getattr(args, "costs", None)}
-    continuing = False
+              "policy": getattr(args, "policy", None), "costs": getattr(args, "costs", None),
+              **({"bn": args.bn} if stage.gated else {})}
+    continuing, saved_bn = False, None
     if ckpt is not None:
         where, saved = args.resume, model_config(ckpt)
         if saved["name"].replace("dfs_", "") != config["name"].replace("dfs_", ""):
@@ -120,6 +121,11 @@ def build_from_checkpoint(stage, args, ckpt):
             if config["options"] is not None and tuple(config["options"]) != tuple(saved["options"]):
                 raise UserError(f"{where} was trained with options {list(saved['options'])}, not {list(config['options'])}")
             config["options"] = list(saved["options"])
+            saved_bn = saved.get("bn") or "shared"
+            if config["bn"] is None:
+                config["bn"] = saved_bn
+            elif saved_bn == "per-option" != config["bn"] and config["policy"] is None:
+                raise UserError(f"{where} has per-option batch norms; --bn {config['bn']} cannot start from it")
         continuing = ckpt["stage"] == stage.name
         testing = args.cmd == "test" and is_gated(saved["name"]) == stage.gated
         if not (continuing or testing or ckpt["stage"] == stage.parent):
@@ -128,6 +134,8 @@ def build_from_checkpoint(stage, args, ckpt):
                             f"{expected}a '{stage.name}' checkpoint to continue")
         if continuing or testing:
             config["policy"], config["costs"] = saved["policy"], saved.get("costs")
+            if stage.gated and config["bn"] != saved_bn:
+                raise UserError(f"{where} has {saved_bn} batch norms, not --bn {config['bn']}")
         elif saved["policy"] is not None:
             raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
     try:
@@ -138,12 +146,16 @@ def build_from_checkpoint(stage, args, ckpt):
         try:
             if stage.gated and not is_gated(ckpt["arch"]):
                 model.load_backbone(ckpt["model"])
+            elif stage.gated and saved_bn == "shared" and model.bn == "per-option":
+                model.load_shared_bn(ckpt["model"])  # every option's BN starts as the shared one
+            elif stage.gated and saved_bn == "per-option" and model.bn == "shared":  # a static policy
+                model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("option_norms.")})
             else:
                 model.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{args.resume} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
     if stage.gated:  # the options and policy as the model has them (a preset spelled out)
-        config.update(options=list(model.options), policy=model.policy_names())
+        config.update(options=list(model.options), policy=model.policy_names(), bn=model.bn)
     return model, config, continuing
 
 
@@ -394,7 +406,7 @@ def run_stage(stage, args, given=frozenset()):
     seed_everything(args.seed)
     model, config, continuing = build_from_checkpoint(stage, args, ckpt)
     if stage.gated:  # args.json and the checkpoint's args show the options the run has
-        args = argparse.Namespace(**{**vars(args), "options": config["options"]})
+        args = argparse.Namespace(**{**vars(args), "options": config["options"], "bn": config["bn"]})
     model.to(device)
     main_process = distributed.is_main()  # the only process that writes and prints
     share = dict(device=device, rank=distributed.rank(), world_size=distributed.world_size())

@@ -10,6 +10,7 @@ import torch
 import data
 from models import is_gated, parse_options, resolve_name
 from models.dfs_resnet import EXECUTIONS
+from models.norms import BN_MODES
 
 
 class UserError(Exception):
@@ -82,6 +83,10 @@ def build_parser(stage):
     if stage.gated:
         x.add_argument("--stochastic-act-rounding", action="store_true",
                        help="the released code's dithered activation rounding")
+        x.add_argument("--bn", choices=BN_MODES, default=None,
+                       help="per-option: every option of a gated block has its own batch norms, whose statistics "
+                            "come from the images routed to it (models/norms.py); default: the checkpoint's, "
+                            "else shared (the paper's)")
         x.add_argument("--costs", default=None,
                        help="a JSON cost table instead of (b/32)^2 for the penalty and the computation percentage: "
                             "{option name: cost relative to full} or a list of one per gated block (e.g. measured latency)")
@@ -115,7 +120,8 @@ RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": 
                 "seed": "--seed", "lr": "--lr", "lr_steps": "--lr-steps", "step_ratio": "--step-ratio",
                 "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
                 "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
-                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy", "costs": "--costs"}
+                "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy", "costs": "--costs",
+                "bn": "--bn"}
 
 
 def continue_run(args, saved, given, where):

@@ -1,4 +1,4 @@
-"""The DFS network: a CIFAR ResNet whose blocks 2..3n are gated per sample (spec/dfs.md §3-§4).
+"""The DFS network: a CIFAR ResNet whose blocks 2..3n are gated per sample (docs/spec.md §3-§4).
 
 For each gated block the gate picks one option: skip (the block's shortcut), a bitwidth
 (weights and input activations of the block's convs fake-quantized), or full precision.
@@ -12,6 +12,7 @@ import torch.nn as nn
 from models.cost import (computation_percentage, option_bits, option_costs, option_names,
                          parse_costs, parse_options, parse_policy)
 from models.gate import GateEmbedding, LSTMGate
+from models.norms import copy_shared_norms, make_option_norms, norms_of, parse_bn
 from models.resnet import CifarResNet, init_weights
 from quantize import input_range
 
@@ -62,10 +63,13 @@ class DFSResNet(CifarResNet):
     policy: a static network (not the paper's; a baseline): one option per gated block for
     every input (e.g. ("skip", 8, 8, ...)), the gate unused. `forward` then runs it by default.
     costs: a measured cost table instead of (b/32)^2 for the penalty and the computation percentage.
+    bn: "shared" (the paper's) or "per-option" (a departure, models/norms.py): one BN set per option of
+    every gated block, with statistics from the images routed to it. A static policy has one option
+    per block, so its blocks' own BNs already are per-option: it ignores the flag.
     """
 
     def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None,
-                 costs=None):
+                 costs=None, bn=None):
         super().__init__(depth, num_classes, stochastic_act_rounding)
         self.options = parse_options(options)
         self.option_names = option_names(self.options)
@@ -75,6 +79,10 @@ class DFSResNet(CifarResNet):
         self.gate = LSTMGate(len(self.options))
         init_weights(self.gate_embeds)
         init_weights(self.gate)
+        self.bn = "shared" if self.policy is not None else parse_bn(bn)
+        parse_bn(bn)  # a bad name is refused with a policy too
+        if self.bn == "per-option":  # initialised from the shared BNs (copy_shared_norms after a load)
+            self.option_norms = make_option_norms(self.blocks[1:], self.option_names)
         # costs: the paper's (b/32)^2, or a measured table ([O] or [G, O]; a departure, `parse_costs`)
         table = option_costs(self.options) if costs is None else parse_costs(costs, self.options, len(self.gate_embeds))
         self.register_buffer("option_costs", table, persistent=False)
@@ -112,12 +120,30 @@ class DFSResNet(CifarResNet):
             "bitops_percentage": computation_percentage(decisions, self.bitops_table, self.block_macs, self.fixed_macs),
         }
 
-    def run_option(self, block, x, k, x_range=None):
-        """Output of `block` on `x` under option index k."""
-        option = self.options[k]
-        return block.shortcut(x) if option == "skip" else block(x, option_bits(option), x_range)
+    def norms(self, g, k, routed=None):
+        """The batch norms of option k at gated block g: None (the block's own, shared) or, with
+        per-option BN, (bn1, bn2, shortcut_bn), in training with the statistics of `routed` images."""
+        if self.bn == "shared":
+            return None
+        return norms_of(self.option_norms[g], self.blocks[g + 1], self.option_names[k], routed)
 
-    def run_all(self, block, x, hard, sparse):
+    def run_option(self, block, x, k, x_range=None, norms=None):
+        """Output of `block` on `x` under option index k (norms: see `norms`)."""
+        option = self.options[k]
+        if option == "skip":
+            return block.shortcut(x, norm=norms[2] if norms else None)
+        return block(x, option_bits(option), x_range, norms)
+
+    def option_parameters(self, g, k):
+        """The parameters option k of gated block g computes with."""
+        block, name = self.blocks[g + 1], self.option_names[k]
+        if name == "skip":
+            return [p for n, p in block.named_parameters() if n.startswith("shortcut_")]
+        if self.bn == "shared":
+            return list(block.parameters())
+        return [p for n, p in block.named_parameters() if "bn" not in n] + list(self.option_norms[g][name].parameters())
+
+    def run_all(self, g, block, x, hard, sparse):
         """Every option's output mixed by `hard` (spec §3): training, and the mixed reference.
 
         sparse: compute the options that no sample chose without autograd. Their mask column is
@@ -128,30 +154,37 @@ class DFSResNet(CifarResNet):
         """
         # The input's activation range, reduced once for every bitwidth (and the projection).
         x_range = input_range(x) if self.training and self.quantized else None
-        chosen = [c > 0 for c in option_counts(hard)] if sparse else [True] * len(self.options)
+        choice = hard.detach().argmax(1)
+        chosen = [c > 0 for c in option_counts(hard, choice)] if sparse else [True] * len(self.options)
         candidates = []
         for k, needed in enumerate(chosen):
+            norms = self.norms(g, k, routed=choice == k if self.training else None)
             if needed:
-                candidates.append(self.run_option(block, x, k, x_range))
+                candidates.append(self.run_option(block, x, k, x_range, norms))
             else:
                 with torch.no_grad():
-                    candidates.append(self.run_option(block, x, k, x_range).detach())
-        if sparse and [o for o, c in zip(self.options, chosen) if c] == ["skip"]:
-            # Only skip was chosen, so the block's convs and BNs are in no kept option; the dense
-            # formulation gives them a zero gradient (SGD then still applies weight decay and
-            # momentum), not none. An exact zero term keeps them in the graph: same values.
-            hard = hard + 0 * sum(p.sum() for n, p in block.named_parameters() if not n.startswith("shortcut_"))
+                    candidates.append(self.run_option(block, x, k, x_range, norms).detach())
+        if sparse and not all(chosen):
+            # Parameters that no kept option uses (e.g. the block's convs and BNs when only skip was
+            # chosen) get a zero gradient in the dense formulation (SGD then still applies weight
+            # decay and momentum), not none. An exact zero term keeps them in the graph: same values.
+            kept = {id(p) for k in range(len(chosen)) if chosen[k] for p in self.option_parameters(g, k)}
+            unused = {id(p): p for k in range(len(chosen)) for p in self.option_parameters(g, k) if id(p) not in kept}
+            if unused:
+                hard = hard + 0 * sum(p.sum() for p in unused.values())
         return mix(candidates, hard)
 
-    def run_dynamic(self, block, x, hard):
+    def run_dynamic(self, g, block, x, hard):
         """Compute only each sample's chosen option, one group of samples per option."""
         choice = hard.argmax(1)
         counts = option_counts(hard, choice)  # the one host sync per block: it decides the work
         if max(counts) == len(x):  # one option for the whole batch: no gather/scatter
-            return self.run_option(block, x, counts.index(len(x)))
+            k = counts.index(len(x))
+            return self.run_option(block, x, k, norms=self.norms(g, k))
         order = torch.argsort(choice, stable=True)
         groups = x.index_select(0, order).split(counts)
-        out = torch.cat([self.run_option(block, g, k) for k, g in enumerate(groups) if counts[k]])
+        out = torch.cat([self.run_option(block, group, k, norms=self.norms(g, k))
+                         for k, group in enumerate(groups) if counts[k]])
         return torch.empty_like(out).index_copy_(0, order, out)
 
     def forced_choices(self, force_option):
@@ -191,7 +224,7 @@ class DFSResNet(CifarResNet):
             if isinstance(forced, list):  # one option for the whole batch: run it alone
                 hard = x.new_zeros(x.shape[0], len(self.options))
                 hard[:, forced[g]] = 1
-                x = self.run_option(block, x, forced[g])
+                x = self.run_option(block, x, forced[g], norms=self.norms(g, forced[g]))
                 decisions.append(hard)
                 continue
             if forced is None:
@@ -199,9 +232,9 @@ class DFSResNet(CifarResNet):
             else:
                 hard = torch.nn.functional.one_hot(forced[:, g], len(self.options)).to(x.dtype)
             if self.training or execution == "mixed":
-                x = self.run_all(block, x, hard, sparse=self.training and execution == "dynamic")
+                x = self.run_all(g, block, x, hard, sparse=self.training and execution == "dynamic")
             else:
-                x = self.run_dynamic(block, x, hard)
+                x = self.run_dynamic(g, block, x, hard)
             decisions.append(hard)
         return self.head(x), torch.stack(decisions, 1)
 
@@ -210,9 +243,11 @@ class DFSResNet(CifarResNet):
         return None if self.policy is None else [self.option_names[k] for k in self.policy]
 
     def unused_parameters(self):
-        """Parameters a static policy never uses: the gate's, and the convs and BNs of skipped blocks."""
+        """Parameters a static policy never uses: the gate's, and the convs and BNs of skipped blocks;
+        with per-option BN, the gated blocks' shared bn1 and bn2 (every option has its own)."""
         if self.policy is None:
-            return []
+            return [p for b in self.blocks[1:] for p in (*b.bn1.parameters(), *b.bn2.parameters())
+                    ] if self.bn == "per-option" else []
         unused = [*self.gate.parameters(), *self.gate_embeds.parameters()]
         for block, k in zip(self.blocks[1:], self.policy):
             if self.options[k] == "skip":
@@ -223,15 +258,32 @@ class DFSResNet(CifarResNet):
         """State-dict keys that belong to the gate (absent from a stage-1 backbone)."""
         return {k for k in self.state_dict() if k.startswith(("gate.", "gate_embeds."))}
 
+    def option_norm_keys(self):
+        """State-dict keys of the per-option BNs (absent from a shared-BN checkpoint)."""
+        return {k for k in self.state_dict() if k.startswith("option_norms.")}
+
+    def load_shared_bn(self, state_dict):
+        """Load a shared-BN gated state dict into a per-option-BN network: every option's BN starts
+        as its block's shared one. Exactly the per-option keys may be missing."""
+        missing, unexpected = set(self.state_dict()) - set(state_dict), set(state_dict) - set(self.state_dict())
+        if self.bn != "per-option" or missing != self.option_norm_keys() or unexpected:
+            raise ValueError(f"not a shared-BN state of this network: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state_dict, strict=False)
+        copy_shared_norms(self.option_norms, self.blocks[1:])
+
     def load_backbone(self, state_dict):
-        """Load a plain-ResNet state dict; exactly the gate's keys may be missing, nothing unexpected."""
+        """Load a plain-ResNet state dict; exactly the gate's keys (and per-option BNs, which start as
+        the shared ones) may be missing, nothing unexpected."""
         # Checked before loading: load_state_dict raises RuntimeError on a shape mismatch (e.g. a
         # ResNet-20 into a DFS-ResNet-38) even with strict=False, after copying what fits.
         own = self.state_dict()
         missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
         mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-        if missing - self.gate_keys() or unexpected or mismatched:
-            raise ValueError(f"not a backbone of this network: missing {sorted(missing - self.gate_keys())[:5]}, "
+        if missing - self.gate_keys() - self.option_norm_keys() or unexpected or mismatched:
+            raise ValueError(f"not a backbone of this network: missing {sorted(missing - self.gate_keys() - self.option_norm_keys())[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}, wrong shape {mismatched[:5]}")
         self.load_state_dict(state_dict, strict=False)
+        if self.bn == "per-option":
+            copy_shared_norms(self.option_norms, self.blocks[1:])
         return sorted(missing)

@@ -1,4 +1,4 @@
-"""CIFAR ResNet 6n+2 with projection shortcuts (spec/dfs.md §1), the stage-1 backbone.
+"""CIFAR ResNet 6n+2 with projection shortcuts (docs/spec.md §1), the stage-1 backbone.
 
 `BasicBlock.forward(x, bits)` threads the bitwidth to its quantized convs and knows
 nothing about gates; the plain `CifarResNet` always runs at full precision.
@@ -30,17 +30,21 @@ class BasicBlock(nn.Module):
             self.shortcut_conv = QConv2d(in_planes, planes, 1, stride, 0, **q)
             self.shortcut_bn = nn.BatchNorm2d(planes)
 
-    def shortcut(self, x, bits=None, x_range=None):
-        """The residual path; also the block's output when the gate skips it (at full precision)."""
+    def shortcut(self, x, bits=None, x_range=None, norm=None):
+        """The residual path; also the block's output when the gate skips it (at full precision).
+
+        norm: a batch norm to use instead of `shortcut_bn` (per-option BN, models/norms.py)."""
         if not self.projection:
             return x
-        return self.shortcut_bn(self.shortcut_conv(x, bits, x_range))
+        return (norm or self.shortcut_bn)(self.shortcut_conv(x, bits, x_range))
 
-    def forward(self, x, bits=None, x_range=None):
-        """x_range: x's training activation range if already reduced (see QConv2d.activation_range)."""
-        out = F.relu(self.bn1(self.conv1(x, bits, x_range)))
-        out = self.bn2(self.conv2(out, bits))
-        return F.relu(out + self.shortcut(x, bits, x_range))
+    def forward(self, x, bits=None, x_range=None, norms=None):
+        """x_range: x's training activation range if already reduced (see QConv2d.activation_range).
+        norms: (bn1, bn2, shortcut_bn) to use instead of the block's own (per-option BN)."""
+        bn1, bn2, shortcut_bn = norms or (self.bn1, self.bn2, None)
+        out = F.relu(bn1(self.conv1(x, bits, x_range)))
+        out = bn2(self.conv2(out, bits))
+        return F.relu(out + self.shortcut(x, bits, x_range, shortcut_bn))
 
 
 def init_weights(model):

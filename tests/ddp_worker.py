@@ -37,10 +37,10 @@ GLOBAL_BATCH, BETA, OPTIONS = 16, 0.05, ("skip", 8, "full")
 TRAIN_STEP = engine.train_step
 
 
-def build(name):
+def build(name, bn=None):
     """The model of a gradient case; a gated one's gate varies its choices from image to image."""
     torch.manual_seed(0)
-    model = build_model(name, options=OPTIONS) if name.startswith("dfs_") else build_model(name)
+    model = build_model(name, options=OPTIONS, bn=bn) if name.startswith("dfs_") else build_model(name)
     if name.startswith("dfs_"):
         vary_gate(model)
     return model
@@ -68,9 +68,11 @@ def half(t, rank):
     return t.chunk(2)[rank]
 
 
-def ddp_gradients(name, stage, target=None):
+def ddp_gradients(name, stage, target=None, bn=None):
     """This process's gradients after one engine.train_step on its half of the global batch."""
-    model = build(name)
+    model = build(name, bn)
+    for p in getattr(model, "unused_parameters", list)():  # as engine.run_stage: per-option BN's shared bn1/bn2
+        p.requires_grad_(False)
     args = argparse.Namespace(target_cp=target, cost_weight=BETA, execution="dynamic")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     run = engine.Run(stage, args, model, optimizer, None, None)
@@ -83,14 +85,20 @@ def ddp_gradients(name, stage, target=None):
 def gradients(out):
     """Part 1; the targets sit at 1/4 and 3/4 between the two halves' computation percentages."""
     x, _ = global_batch()
-    probe = build("dfs_resnet20")
-    with torch.no_grad():
-        local = probe.computation_percentage(probe(half(x, distributed.rank()))[1]).item()
-    lo, hi = sorted(distributed.all_gather(local))
-    assert hi > lo, f"the halves' computation percentages {lo}, {hi} do not differ: change vary_gate's seed"
+
+    def halves(bn=None):
+        probe = build("dfs_resnet20", bn)
+        with torch.no_grad():
+            local = probe.computation_percentage(probe(half(x, distributed.rank()))[1]).item()
+        lo, hi = sorted(distributed.all_gather(local))
+        assert hi > lo, f"the halves' computation percentages {lo}, {hi} do not differ: change vary_gate's seed"
+        return lo, hi
+    lo, hi = halves()
     cases = {"base": ddp_gradients("resnet20", train_base.STAGE),
              "dfs above target": ddp_gradients("dfs_resnet20", train_dfs.STAGE, lo + (hi - lo) / 4),
              "dfs below target": ddp_gradients("dfs_resnet20", train_dfs.STAGE, lo + 3 * (hi - lo) / 4)}
+    lo, hi = halves("per-option")
+    cases["dfs per-option BN"] = ddp_gradients("dfs_resnet20", train_dfs.STAGE, lo + (hi - lo) / 4, "per-option")
     torch.save(cases, os.path.join(out, f"gradients-{distributed.rank()}.pt"))
 
 

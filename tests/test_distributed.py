@@ -32,7 +32,7 @@ eval_cli = importlib.import_module("eval")  # eval.py; `import eval` would read 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 CASES = {"base": ("resnet20", False), "dfs above target": ("dfs_resnet20", True),
-         "dfs below target": ("dfs_resnet20", True)}
+         "dfs below target": ("dfs_resnet20", True), "dfs per-option BN": ("dfs_resnet20", True, "per-option")}
 
 
 def run(cmd, env=None):
@@ -71,10 +71,12 @@ def files(folder):
 
 # ----------------------------------------------------------------------------- gradients
 
-def one_process_gradients(name, target):
+def one_process_gradients(name, target, bn=None):
     """The gradients of one process that runs the two half-batches separately (batch norm per half,
     as two DataParallel replicas) and takes CE_mean + beta * s * C over the global batch."""
-    model = ddp_worker.build(name)
+    model = ddp_worker.build(name, bn)
+    for p in getattr(model, "unused_parameters", list)():
+        p.requires_grad_(False)
     x, y = ddp_worker.global_batch()
     outs = [evaluation.split_output(model(h)) for h in x.chunk(2)]
     logits, cp = torch.cat([o[0] for o in outs]), None
@@ -97,7 +99,7 @@ def test_ddp_gradients_equal_one_process_over_the_two_half_batches(case, worker)
     one process over the global batch with batch norm per half."""
     out = worker[0]
     per_process = [torch.load(out / f"gradients-{rank}.pt", weights_only=True)[case] for rank in (0, 1)]
-    expected, loss, cp = one_process_gradients(CASES[case][0], per_process[0]["target"])
+    expected, loss, cp = one_process_gradients(CASES[case][0], per_process[0]["target"], *CASES[case][2:])
     ddp = per_process[0]["grads"]
     assert ddp.keys() == expected.keys() == per_process[1]["grads"].keys()
     for name in ddp:

@@ -183,9 +183,9 @@ def test_execution_mixed_trains_the_same_run(stage, start, reference, tmp_path, 
     save, seen = tmp_path / "save", []
     real_run_all = DFSResNet.run_all
 
-    def recording_run_all(self, block, x, hard, sparse):
+    def recording_run_all(self, g, block, x, hard, sparse):
         seen.append(sparse)
-        return real_run_all(self, block, x, hard, sparse)
+        return real_run_all(self, g, block, x, hard, sparse)
     monkeypatch.setattr(DFSResNet, "run_all", recording_run_all)
     rc1, first = train(stage, save, start[stage] + ["--eval-every", "4", "--execution", "mixed"], iters=K)
     dense, seen[:] = list(seen), []

@@ -1,4 +1,4 @@
-"""Evaluate checkpoints: top-1 accuracy, computation percentage, per-block decisions (spec/dfs.md §6).
+"""Evaluate checkpoints: top-1 accuracy, computation percentage, per-block decisions (docs/spec.md §6).
 
     python eval.py save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar --dataset cifar10
     python eval.py run50/model_best.pth.tar run40/model_best.pth.tar --json results.json --plot-dir plots
@@ -19,8 +19,10 @@ import data
 import distributed
 import int8
 from checkpoint import CheckpointError
-from evaluation import evaluate, format_report, load_model, recalibrate_bn
+from evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
+from models.cost import option_costs
 from plots import plot
+from search_policy import UNITS, knapsack, option_units
 from settings import UserError
 from significance import pack_bits
 
@@ -69,8 +71,8 @@ def evaluate_checkpoint(path, args):
         if "choices" not in stats or model.policy is not None:
             raise UserError(f"--controls needs a gated network; {path} has no gate to control")
         record["control_seed"] = args.control_seed
-        record["controls"] = {name: control_record(model, batches, force, name)
-                              for name, force in controls(stats["choices"], args.control_seed).items()}
+        record["controls"] = {name: control_record(model, batches, force, name, stats["computation_percentage"])
+                              for name, force in controls(stats["choices"], args.control_seed, model).items()}
     return record
 
 
@@ -82,37 +84,78 @@ def recalibrated_record(model, ckpt, dataset, batches, args):
                                      download=args.download, seed=saved.get("seed", 0), device=args.device)
     stream = data.infinite(train)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    recalibrate_bn(model, [next(stream) for _ in range(args.recalibrate)])
+    recalibrate_bn(model, [next(stream) for _ in range(args.recalibrate)], args.recalibrate_estimator)
     stats = evaluate(model, batches, per_image=True)
     model.load_state_dict(state)
-    print(f"-- BN recalibrated under its own decisions ({args.recalibrate} training batches): "
+    print(f"-- BN recalibrated under its own decisions ({args.recalibrate} training batches, "
+          f"{args.recalibrate_estimator} estimator): "
           f"top-1 {stats['acc']:.2f} %, computation {stats.get('computation_percentage', 100.0):.2f} %")
     return {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
             "decision_distribution": stats.get("decision_distribution"), "batches": args.recalibrate,
+            "estimator": args.recalibrate_estimator,
             "correct_bits": pack_bits(stats["correct"]), "num_samples": stats["num_samples"]}
 
 
-def controls(choices, seed):
+def controls(choices, seed, model=None):
     """Decisions without the input dependence, from the gate's own [N, G] choices.
 
     shuffled: each block's decisions permuted across the images (its own seeded permutation),
-    so every block keeps its option counts and the computation percentage is exactly the same.
-    majority: every image takes each block's most frequent option (ties: the cheaper, earlier one).
+    so every block keeps its option counts and the computation percentage is exactly the same;
+    this also breaks the coordination between an image's blocks.
+    row_shuffled: each image takes another image's whole decision vector (one seeded permutation of
+    the images): the same per-block counts and cost, the blocks' coordination kept.
+    majority: every image takes each block's most frequent option (ties: the cheaper, earlier one);
+    its cost differs from the gate's.
+    matched_majority (`model` given, the paper's costs): the static policy that agrees with the most
+    of the gate's decisions among those costing at most the gate's computation percentage and at
+    least that minus `matched_window` (absent where none exists).
     """
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([col[torch.randperm(len(col), generator=g)] for col in choices.T], 1)
-    majority = torch.stack([torch.bincount(col, minlength=int(choices.max()) + 1).argmax() for col in choices.T])
-    return {"shuffled": shuffled, "majority": majority.expand_as(choices).contiguous()}
+    rows = choices[torch.randperm(len(choices), generator=g)]
+    num_options = len(model.options) if model is not None else int(choices.max()) + 1
+    counts = torch.stack([torch.bincount(col, minlength=num_options) for col in choices.T])
+    majority = counts.argmax(1)
+    out = {"shuffled": shuffled, "row_shuffled": rows, "majority": majority.expand_as(choices).contiguous()}
+    if model is not None and model.option_costs.dim() == 1 and torch.equal(model.option_costs,
+                                                                           option_costs(model.options)):
+        policy = matched_majority(counts, option_units(model.options), len(choices))
+        if policy is not None:
+            out["matched_majority"] = torch.tensor(policy).expand_as(choices).contiguous()
+    return out
 
 
-def control_record(model, batches, force, name):
-    """Evaluate with forced per-image decisions; the record of one control."""
+def matched_window(units, num_blocks):
+    """The cost window of matched_majority, in units: one step between two options' costs, and at
+    least 0.1 % of the network."""
+    steps = [abs(a - b) for a in units for b in units if a != b]
+    return max(min(steps), round(UNITS * num_blocks / 1000))
+
+
+def matched_majority(counts, units, num_images):
+    """The policy of most agreeing decisions whose cost lies in the window below the gate's ([G, O] counts)."""
+    num_blocks = counts.shape[0]
+    units_used = sum(int(counts[b, k]) * units[k] for b in range(num_blocks) for k in range(len(units)))
+    hi = units_used // num_images  # the gate's cost, rounded down to whole units
+    lo = hi - matched_window(units, num_blocks)
+    drops = [[-int(c) for c in row[:len(units)]] for row in counts.tolist()]
+    found = knapsack(drops, units, lo, hi)
+    if not found:
+        return None
+    return min((entries[0][0], -total, entries[0][1]) for total, entries in found.items())[2]
+
+
+def control_record(model, batches, force, name, gate_cp):
+    """Evaluate with forced per-image decisions; the record of one control (cost_difference: its
+    computation percentage minus the gate's)."""
     stats = evaluate(model, batches, force=force, per_image=True)
-    print(f"-- control {name}: top-1 {stats['acc']:.2f} %, computation {stats['computation_percentage']:.2f} %")
+    print(f"-- control {name}: top-1 {stats['acc']:.2f} %, computation {stats['computation_percentage']:.2f} % "
+          f"({stats['computation_percentage'] - gate_cp:+.3f} against the gate's)")
     record = {"accuracy": stats["acc"], "computation_percentage": stats["computation_percentage"],
+              "cost_difference": stats["computation_percentage"] - gate_cp,
               "bitops_percentage": stats["bitops_percentage"], "decision_distribution": stats["decision_distribution"],
               "correct_bits": pack_bits(stats["correct"]), "num_samples": stats["num_samples"]}
-    if name == "majority":
+    if "majority" in name:
         record["policy"] = [model.option_names[k] for k in force[0].tolist()]
     return record
 
@@ -145,12 +188,18 @@ def main(argv=None):
     p.add_argument("--per-image", action="store_true",
                    help="store which images each model got right (for significance.py), one process")
     p.add_argument("--controls", action="store_true",
-                   help="also evaluate the gate's decisions shuffled across images per block, and each "
-                        "block's majority option for every image (implies --per-image)")
+                   help="also evaluate the gate's decisions shuffled across images per block (shuffled) and as "
+                        "whole rows (row_shuffled), each block's majority option for every image (majority), and "
+                        "the static policy closest to the gate's decisions at its cost (matched_majority); "
+                        "implies --per-image")
     p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled control")
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
                    help="also evaluate after re-estimating BN statistics on N training batches under the "
                         "model's own decisions (a diagnostic; implies --per-image)")
+    p.add_argument("--recalibrate-estimator", choices=ESTIMATORS, default="pooled",
+                   help="pooled: each BN's mean and variance over every image routed through it in the N "
+                        "batches, each image weighted the same; call: each call's batch statistics averaged "
+                        "with equal weight, however few images it saw (round 2's posthoc figures)")
     p.add_argument("--time", action="store_true",
                    help="also measure eval time with the gate's decisions on the first test batch against the "
                         "plain ResNet with the same weights (NCHW and channels_last), at that batch size and at 1 "

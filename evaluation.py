@@ -84,26 +84,55 @@ def format_report(stats, option_names=None):
     return "\n".join(lines)
 
 
+ESTIMATORS = ("pooled", "call")
+
+
 @torch.no_grad()
-def recalibrate_bn(model, batches):
-    """Re-estimate every BN's running statistics (a plain average over `batches`) with the model
-    routing each sample as in evaluation, through the option its gate chooses. A diagnostic, not
-    the paper's: DFS training runs every option of a block in train mode, so its BN statistics mix
-    all bitwidths. Activation ranges are left as trained."""
+def recalibrate_bn(model, batches, estimator="pooled"):
+    """Re-estimate every BN's running statistics on `batches`, the model routing each image as in
+    evaluation (through the option its gate chooses). A diagnostic, not the paper's.
+
+    During the passes each BN normalises with the batch statistics of the images that reach it in
+    that call, as in training; activation ranges are left as trained. The estimate:
+    pooled: the mean and (unbiased) variance over every image routed through the BN in all of
+        `batches` together, each image weighted the same; a BN that no image reached keeps its own.
+    call: each call's batch statistics averaged with equal weight (BN momentum None), however few
+        images the call saw; round 2's posthoc figures were made with it.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta, was_training = [bn.momentum for bn in norms], model.training
+    sums = {bn: [0, 0.0, 0.0] for bn in norms}  # elements per channel, sum, sum of squares (float64)
+
+    def accumulate(bn, inputs):
+        x = inputs[0].double().transpose(0, 1).flatten(1)
+        acc = sums[bn]
+        acc[0] += x.shape[1]
+        acc[1] = acc[1] + x.sum(1)
+        acc[2] = acc[2] + x.square().sum(1)
+
+    hooks = [bn.register_forward_pre_hook(accumulate) for bn in norms] if estimator == "pooled" else []
+    trained = {bn: (bn.running_mean.clone(), bn.running_var.clone()) for bn in norms}
     model.eval()
     for bn in norms:
-        bn.reset_running_stats()
+        bn.reset_running_stats()  # pooled: overwritten below; call: the running average starts here
         bn.momentum = None
         bn.train()
     try:
         for x, _ in batches:
             model(x)
     finally:
+        for h in hooks:
+            h.remove()
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
         model.train(was_training)
+    if estimator == "pooled":
+        for bn, (n, s1, s2) in sums.items():
+            mean, var = (s1 / n, (s2 - n * (s1 / n).square()) / (n - 1)) if n > 1 else trained[bn]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
 
 
 def model_config(ckpt):
@@ -118,9 +147,10 @@ def model_config(ckpt):
 
 
 def model_from_config(config):
-    """A new model from a config record (ValueError on bad values)."""
+    """A new model from a config record (ValueError on bad values); no "bn" key: shared BN."""
     return build_model(config["name"], config["num_classes"], config.get("options"),
-                       bool(config.get("stochastic_act_rounding", False)), config.get("policy"), config.get("costs"))
+                       bool(config.get("stochastic_act_rounding", False)), config.get("policy"), config.get("costs"),
+                       config.get("bn"))
 
 
 def load_model(path, device):

@@ -19,7 +19,9 @@ the statistics of one policy are wrong for another. The output JSON holds the po
 one per gated block, for `train_dfs.py --policy FILE`), its cost and accuracy and every evaluation.
 """
 import argparse
+import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -61,19 +63,24 @@ def knapsack(drops, units, lo, hi, keep=1):
     return {t: v for t, v in best.items() if lo <= t}
 
 
-def search(accuracy, units, num_blocks, target, window=0.2, verify=5):
+def search(accuracy, units, num_blocks, target, window=0.2, verify=5, known=None):
     """The static policy of highest measured accuracy whose percentage lies in [target - window, target].
 
-    accuracy(policy tuple) -> validation accuracy. Returns (policy, accuracy, log of evaluations).
+    accuracy(policy tuple) -> validation accuracy; known: {policy: accuracy} already measured the
+    same way (not measured again). Returns (policy, accuracy, log of this search's evaluations).
     Raises ValueError when no policy's cost lies in the window.
     """
     log = {}
+    known = known if known is not None else {}
 
     def measure(policy):
         if policy not in log:
-            log[policy] = accuracy(policy)
+            log[policy] = known[policy] if policy in known else accuracy(policy)
         return log[policy]
+    return _search(measure, log, units, num_blocks, target, window, verify)
 
+
+def _search(measure, log, units, num_blocks, target, window, verify):
     top = max(range(len(units)), key=lambda k: units[k])
     reference = (top,) * num_blocks
     base = measure(reference)
@@ -113,6 +120,33 @@ def make_accuracy(model, calibration, val_batches):
     return accuracy
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_cache(path, key):
+    """{policy text: accuracy} from a --cache file made with the same checkpoint and settings, else {}."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--cache {path}: cannot read it as JSON ({e})")
+    if any(saved.get(k) != v for k, v in key.items()):
+        raise ValueError(f"--cache {path} holds evaluations of another checkpoint or settings")
+    return dict(saved["evaluations"])
+
+
+def write_json(path, value):
+    """Write JSON atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a gated checkpoint trained with --val-size")
@@ -124,6 +158,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache", help="a JSON file of evaluations of this checkpoint with these settings, read and "
+                                   "extended (searches at several targets share their sensitivity phase)")
     args = p.parse_args(argv)
     if not 0 < args.target <= 100:
         p.error(f"--target must be in (0, 100], got {args.target}")
@@ -141,19 +177,28 @@ def main(argv=None):
         calibration = [next(stream) for _ in range(args.calibrate_batches)]
         units = option_units(model.options)
         accuracy = make_accuracy(model, calibration, val)
-        policy, acc, log = search(accuracy, units, len(model.gate_embeds), args.target, args.window, args.verify)
+        key = {"checkpoint_sha256": file_sha256(args.checkpoint), "calibrate_batches": args.calibrate_batches,
+               "batch_size": args.batch_size}
+        cache = read_cache(args.cache, key) if args.cache else {}
+        known = {tuple(int(k) for k in p.split(",")): a for p, a in cache.items()}
+        policy, acc, log = search(accuracy, units, len(model.gate_embeds), args.target, args.window, args.verify,
+                                  known)
+        if args.cache:
+            cache.update({",".join(map(str, p)): a for p, a in log.items()})
+            write_json(args.cache, {**key, "evaluations": cache})
     except (CheckpointError, data.DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = [model.option_names[k] for k in policy]
+    measured = sum(p not in known for p in log)
     record = {"policy": names, "computation_percentage": percentage(policy, units), "val_accuracy": acc,
               "target": args.target, "checkpoint": args.checkpoint,
+              "measured_here": measured,  # the other evaluations came from --cache
               "evaluations": [{"policy": [model.option_names[k] for k in p], "val_accuracy": a,
                                "computation_percentage": percentage(p, units)} for p, a in log.items()]}
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(args.out, record)
     print(f"policy {','.join(names)}: computation {record['computation_percentage']:.2f} %, "
-          f"val top-1 {acc:.2f} % ({len(log)} evaluations) -> {args.out}")
+          f"val top-1 {acc:.2f} % ({len(log)} evaluations, {measured} measured here) -> {args.out}")
     return 0
 
 

@@ -3,6 +3,7 @@
 None of these is part of the paper; they are the baselines and statistics a sceptical reader asks
 for (does choosing per input beat a fixed network of the same cost?).
 """
+import copy
 import itertools
 import json
 import math
@@ -177,6 +178,16 @@ def test_search_command_end_to_end(tmp_path):
     cp = 100 * sum({"skip": 0, "4-bit": 16, "8-bit": 64}[o] for o in record["policy"]) / (8 * 1024)
     assert record["computation_percentage"] == cp
     assert len(record["evaluations"]) >= 1 + 8 * 2
+    # --cache: a second search of the same checkpoint measures nothing again and answers the same
+    cached = tmp_path / "cache.json"
+    argv = [parent, "--target", "3", "--window", "1", "--device", "cpu", "--batch-size", "32",
+            "--calibrate-batches", "2", "--verify", "2", "--cache", str(cached)]
+    assert search_policy.main([*argv, "--out", str(tmp_path / "a.json")]) == 0
+    assert search_policy.main([*argv, "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["measured_here"] == len(a["evaluations"]) and b["measured_here"] == 0
+    assert a["policy"] == b["policy"] == record["policy"] and a["evaluations"] == b["evaluations"]
+    assert search_policy.main([*argv[:-1], str(out), "--out", str(tmp_path / "c.json")]) == 2  # not a cache
     assert search_policy.main([str(tmp_path / "base/resnet20/model_best.pth.tar"), "--target", "3",
                                "--out", str(out), "--device", "cpu"]) == 2
 
@@ -219,8 +230,13 @@ def test_eval_controls_and_significance_end_to_end(tmp_path, capsys):
     assert eval_script.main([parent, "--dataset", "synthetic", "--device", "cpu", "--controls",
                             "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["controls"]) == {"shuffled", "majority"}
-    assert record["controls"]["shuffled"]["computation_percentage"] == record["computation_percentage"]
+    assert {"shuffled", "row_shuffled", "majority"} <= set(record["controls"]) <= {
+        "shuffled", "row_shuffled", "majority", "matched_majority"}
+    for name in ("shuffled", "row_shuffled"):
+        assert record["controls"][name]["computation_percentage"] == record["computation_percentage"]
+        assert record["controls"][name]["cost_difference"] == 0
+    for control in record["controls"].values():
+        assert control["cost_difference"] == control["computation_percentage"] - record["computation_percentage"]
     n = record["num_samples"]
     assert significance.correctness(record).sum().item() == round(record["accuracy"] * n / 100)
     shuffled = tmp_path / "s.json"
@@ -288,3 +304,124 @@ def test_eval_recalibrate_flag(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["recalibrated"]["batches"] == 2 and "correct_bits" in record["recalibrated"]
     assert "BN recalibrated under its own decisions" in capsys.readouterr().out
+
+
+def test_row_shuffled_control_moves_whole_decision_rows():
+    choices = torch.tensor([[0, 1, 2], [2, 2, 2], [1, 0, 3], [3, 3, 0], [0, 0, 0], [1, 2, 3]])
+    rows = eval_script.controls(choices, seed=5)["row_shuffled"]
+    assert not torch.equal(rows, choices)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, choices.tolist()))  # each row intact
+    for g in range(3):  # hence the same per-block counts and cost
+        assert torch.equal(torch.bincount(rows[:, g], minlength=4), torch.bincount(choices[:, g], minlength=4))
+    # drawn after the column permutations: round 2's column-shuffled control is unchanged
+    g = torch.Generator().manual_seed(5)
+    expected = torch.stack([col[torch.randperm(6, generator=g)] for col in choices.T], 1)
+    assert torch.equal(eval_script.controls(choices, seed=5)["shuffled"], expected)
+
+
+def test_matched_majority_by_hand():
+    """Options skip,2,3,4 (units 0, 4, 9, 16 of 1024), 2 blocks, 4 images.
+    Block 0 chose 4,4,3,skip (16+16+9+0), block 1 2,2,2,4 (4+4+4+16): 69 units / 4 = 17.25 a image,
+    so the window is [17 - 4, 17] (4 = the smallest step between two options' costs; 0.1 % of
+    2048 units is 2). The majority policy (4, 2) costs 20, too much. In the window: (4, skip) 16 and
+    (skip, 4) 16 agree with 2 decisions each, (3, 2) 13 with 1 + 3 = 4, (2, 3) 13 with none."""
+    choices = torch.tensor([[3, 1], [3, 1], [2, 1], [0, 3]])
+    model = build_model("dfs_resnet20", options="skip,2,3,4")
+    counts = torch.stack([torch.bincount(col, minlength=4) for col in choices.T])
+    assert eval_script.matched_window([0, 4, 9, 16], 2) == 4
+    assert eval_script.matched_majority(counts, [0, 4, 9, 16], 4) == (2, 1)
+    # against brute force over every policy of 5 blocks
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        counts = torch.randint(0, 6, (5, 4), generator=g)
+        counts[:, 0] += 10 - counts.sum(1).clamp(max=10)  # 10 images or more a block
+        n = int(counts.sum(1).min())
+        counts[:, 0] -= counts.sum(1) - n  # exactly n images a block
+        units, total = [0, 4, 9, 16], int((counts * torch.tensor([0, 4, 9, 16])).sum())
+        hi = total // n
+        best = max(((sum(int(counts[b, k]) for b, k in enumerate(p)), sum(units[k] for k in p), p)
+                    for p in itertools.product(range(4), repeat=5) if hi - 5 <= sum(units[k] for k in p) <= hi),
+                   default=None)
+        found = eval_script.matched_majority(counts, units, n)
+        assert (found is None) == (best is None)
+        if found is not None:  # the same agreement and cost (the policy itself may tie)
+            assert (sum(int(counts[b, k]) for b, k in enumerate(found)), sum(units[k] for k in found)) == best[:2]
+    model_choices = torch.zeros(4, 8, dtype=torch.long)  # every image skips every block: so does the policy
+    assert torch.equal(eval_script.controls(model_choices, 0, model)["matched_majority"], model_choices)
+
+
+def test_pooled_recalibration_weighs_images_by_count():
+    """Two batches route 2 and 30 images to BN a, 30 and 2 to BN b: the pooled estimate is the mean and
+    variance of all 32 images of each, the call-weighted one the average of the two calls'."""
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.never = (torch.nn.BatchNorm2d(2) for _ in range(3))
+
+        def forward(self, x):
+            to_a = x[:, 1, 0, 0] > 0
+            out = torch.empty_like(x)
+            out[to_a], out[~to_a] = self.a(x[to_a]), self.b(x[~to_a])
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    def part(n, sign, shift):
+        x = torch.randn(n, 2, 3, 3, generator=g) * (1 + shift) + shift
+        x[:, 1, 0, 0] = sign * (1 + x[:, 1, 0, 0].abs())
+        return x
+    batches = [(torch.cat([part(2, 1, 3.0), part(30, -1, 0.0)]), None),
+               (torch.cat([part(30, 1, 0.0), part(2, -1, 5.0)]), None)]
+    for estimator in ("pooled", "call"):
+        model = Router()
+        randomize_bn(model)
+        never = {k: v.clone() for k, v in model.never.state_dict().items()}
+        evaluation.recalibrate_bn(model, batches, estimator)
+        for bn, sign in ((model.a, 1), (model.b, -1)):
+            parts = [x[(x[:, 1, 0, 0] > 0) == (sign > 0)].double() for x, _ in batches]
+            if estimator == "pooled":
+                every = torch.cat(parts).transpose(0, 1).flatten(1)
+                mean, var = every.mean(1), every.var(1)
+            else:
+                per_call = [p.transpose(0, 1).flatten(1) for p in parts]
+                mean = sum(p.mean(1) for p in per_call) / 2
+                var = sum(p.var(1) for p in per_call) / 2
+            torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-5)
+        if estimator == "pooled":  # a BN that no image reached keeps its statistics
+            assert all(torch.equal(v, model.never.state_dict()[k]) for k, v in never.items() if "running" in k)
+            pooled = model.a.running_mean.clone()
+        else:
+            assert (pooled - model.a.running_mean).abs().max() > 0.5  # the two estimators differ here
+    with pytest.raises(ValueError, match="estimator"):
+        evaluation.recalibrate_bn(Router(), batches, "image")
+
+
+def test_pooled_recalibration_of_one_batch_through_one_option_is_plain_recalibration():
+    torch.manual_seed(0)
+    model = build_model("dfs_resnet20", options="8").to(DEVICE)
+    for seed in range(2):
+        model(images(8, seed=10 + seed))
+    calibration = [(images(16, seed=3), None)]
+    pooled, call = copy.deepcopy(model), copy.deepcopy(model)
+    evaluation.recalibrate_bn(pooled, calibration, "pooled")
+    evaluation.recalibrate_bn(call, calibration, "call")
+    for (k, a), b in zip(pooled.state_dict().items(), call.state_dict().values()):
+        if "running_" in k:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_search_cache_gives_the_same_answer_without_measuring_again():
+    """Known evaluations are taken, not measured; the answer is the one of a search without them."""
+    drops = [[5.0, 2.0, 0.0], [1.0, 0.5, 0.0], [4.0, 3.0, 0.0]]
+    calls = []
+
+    def accuracy(policy):
+        calls.append(policy)
+        return 90.0 - sum(drops[g][k] for g, k in enumerate(policy))
+    units = [0, 64, 1024]
+    first = search_policy.search(accuracy, units, 3, 40.0, window=10.0)
+    measured = len(calls)
+    second = search_policy.search(accuracy, units, 3, 40.0, window=10.0, known=dict(first[2]))
+    assert second[:2] == first[:2] and len(calls) == measured
+    third = search_policy.search(accuracy, units, 3, 70.0, window=10.0, known=dict(first[2]))
+    assert third[0] == search_policy.search(accuracy, units, 3, 70.0, window=10.0)[0]

@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,3 +426,17 @@ def test_search_cache_gives_the_same_answer_without_measuring_again():
     assert second[:2] == first[:2] and len(calls) == measured
     third = search_policy.search(accuracy, units, 3, 70.0, window=10.0, known=dict(first[2]))
     assert third[0] == search_policy.search(accuracy, units, 3, 70.0, window=10.0)[0]
+
+
+def test_round3_statistics_by_hand():
+    """Holm: p sorted 0.01, 0.03, 0.04 -> 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, max(0.06, 1 x 0.04) = 0.06.
+    t-test with df 2 has the closed form p = 1 - |t| / sqrt(2 + t^2): values 1, 2, 3 give
+    t = 2 / (1 / sqrt 3) = sqrt 12, p = 1 - sqrt(12 / 14) = 0.0741799."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import study_round3_analysis as analysis
+    assert analysis.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert analysis.t_test_p([1, 2, 3]) == pytest.approx(1 - math.sqrt(12 / 14), abs=1e-6)
+    verdicts = analysis.family({"a": [1.0, 1.1, 0.9], "b": [1.0, -1.0, 0.5], "c": [-2.0, -2.1]})
+    assert verdicts["a"][3] == "DFS better" and verdicts["b"][3] == "no difference shown"
+    assert verdicts["c"][3].startswith("2 of 3 seeds")

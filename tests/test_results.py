@@ -67,11 +67,14 @@ def assert_reproduces(got, record):
     step and flip a gate decision near a tie: measured on an AVX-512/AMX Xeon VM for dfs_cp20_s0,
     computation percentage 19.79219 against the record's 19.79242, accuracy equal. So: accuracy
     within 2 images of 10,000, and decisions within 0.2 % of the images per block."""
-    assert abs(got["accuracy"] - record["accuracy"]) <= 0.02
-    assert abs(got["computation_percentage"] - record["computation_percentage"]) <= 0.01
-    assert abs(got["bitops_percentage"] - record["bitops_percentage"]) <= 0.01
+    why = ("beyond the tolerance for another CPU (2 images of 10,000; 0.2 % of the decisions per block): fp32 "
+           "kernels of another CPU may move a value across a quantization step, but not this far")
+    eps = 1e-9  # 93.01 - 92.99 is 0.0200000000000031 in floating point
+    assert abs(got["accuracy"] - record["accuracy"]) <= 0.02 + eps, f"accuracy {got['accuracy']} vs {record['accuracy']}: {why}"
+    for key in ("computation_percentage", "bitops_percentage"):
+        assert abs(got[key] - record[key]) <= 0.01 + eps, f"{key} {got[key]} vs {record[key]}: {why}"
     for a, b in zip(got["decision_distribution"], record["decision_distribution"], strict=True):
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 0.002
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 0.002 + eps, f"decisions: {why}"
 
 
 ROUND2 = os.path.join(ROOT, "results", "fashion-mnist-dynamic", "results.json")

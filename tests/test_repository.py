@@ -100,3 +100,129 @@ def test_no_markdown_link_leads_outside_the_repository():
     found = [line for name, text in tracked_text_files() if name.endswith(".md")
              for line in outside_links(name, text, ROOT)]
     assert not found, "\n".join(found)
+
+
+# ---- every relative link and #anchor of every markdown file resolves -------------------------
+
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+HTML_ANCHOR = re.compile(r"<a\s+(?:name|id)\s*=\s*[\"']([^\"']+)[\"']", re.I)
+
+
+def without_fences(text):
+    """`text` with its fenced code blocks blanked, line for line."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        m = FENCE.match(line)
+        if fence is None and m:
+            fence = m.group(1)
+            lines.append("")
+        elif fence is not None:
+            stripped = line.strip()
+            if stripped.startswith(fence) and set(stripped) == {fence[0]}:
+                fence = None
+            lines.append("")
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def without_code(text):
+    """`text` without code: fenced blocks and inline code spans blanked (a link shown as code is not a link)."""
+    return re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", without_fences(text))
+
+
+def github_slug(heading):
+    """The anchor GitHub gives a heading: rendered text, lowercase, punctuation but '-' and '_' dropped, spaces to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link or image: its text
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML tags
+    text = text.replace("`", "").replace("*", "")
+    text = re.sub(r"(?<![\w])_+|_+(?![\w])", "", text)  # _emphasis_, not snake_case
+    text = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(text):
+    """Every anchor of a markdown text: its headings' slugs (duplicates get -1, -2, ...) and <a name/id>."""
+    found, seen = set(), {}
+    for line in without_fences(text).splitlines():
+        m = HEADING.match(line)
+        if m:
+            slug = github_slug(m.group(2))
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            found.add(slug if n == 0 else f"{slug}-{n}")
+        found.update(HTML_ANCHOR.findall(line))
+    return found
+
+
+def broken_links(name, text, root):
+    """The relative links of markdown file `name` (relative to `root`) whose file or #anchor does not exist."""
+    from urllib.parse import unquote
+    found = []
+    for m in MARKDOWN_LINK.finditer(without_code(text)):
+        target = m.group(1) or m.group(2)
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
+            continue  # http:, https:, mailto:, ...
+        path, _, anchor = target.partition("#")
+        path = unquote(path)
+        full = os.path.normpath(os.path.join(root, os.path.dirname(name), path)) if path else os.path.join(root, name)
+        if not os.path.exists(full):
+            found.append(f"{name}: ({target}): {path} does not exist")
+            continue
+        if not anchor or not full.endswith(".md"):
+            continue  # an anchor into code (#L10) is GitHub's line anchor, not a heading
+        with open(full, encoding="utf-8") as f:
+            if unquote(anchor).lower() not in anchors(f.read()):
+                found.append(f"{name}: ({target}): no heading #{anchor} in {os.path.relpath(full, root)}")
+    return found
+
+
+def markdown_files():
+    """Every markdown file of the checkout: tracked, and new ones not yet added (but not ignored ones)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "*.md"],
+                       cwd=ROOT, capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("not a git checkout")
+    names = sorted({n for n in r.stdout.decode().split("\0") if n and os.path.isfile(os.path.join(ROOT, n))})
+    assert "README.md" in names and "tests/README.md" in names
+    return names
+
+
+def test_github_slugs_of_headings():
+    assert github_slug("Several GPUs and machines") == "several-gpus-and-machines"
+    assert github_slug("GPU check (`bash scripts/gpu_check.sh`)") == "gpu-check-bash-scriptsgpu_checksh"
+    assert github_slug("Measured time (`eval.py --time`, `benchmarks/latency_table.py`)") == \
+        "measured-time-evalpy---time-benchmarkslatency_tablepy"
+    assert github_slug("Int8: can an 8-bit block run faster than full precision? (`python benchmarks/int8.py`)") == \
+        "int8-can-an-8-bit-block-run-faster-than-full-precision-python-benchmarksint8py"
+    assert github_slug("6b. What the paper reports") == "6b-what-the-paper-reports"
+    assert github_slug("**Bold** and [a link](x.md)") == "bold-and-a-link"
+    assert anchors("# A\n## A\n```\n# not a heading\n```\n### A ###\n<a name=\"here\"></a>\n") == {"a", "a-1", "a-2", "here"}
+
+
+def test_a_broken_link_or_anchor_is_found_and_good_ones_are_not(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("# Page\n\n## Several GPUs (`torchrun`)\n\n## Notes\n## Notes\n")
+    (tmp_path / "img.png").write_bytes(b"")
+    good = ("[p](docs/page.md) [a](docs/page.md#several-gpus-torchrun) [d](docs/page.md#notes-1) [i](img.png)\n"
+            "![fig](img.png) [here](#top) [web](https://example.com/x.md#nothing) [m](mailto:a@b.c)\n"
+            "[ref]: docs/page.md#notes\n# Top\n`[code](missing.md)`\n```\n[fenced](missing.md)\n```\n")
+    (tmp_path / "README.md").write_text(good)
+    assert broken_links("README.md", good, tmp_path) == []
+    assert broken_links("docs/other.md", "[up](../README.md#top) [p](page.md#page) [dir](../docs/)", tmp_path) == []
+    for bad in ["[p](docs/missing.md)", "[a](docs/page.md#several-gpus)", "[d](docs/page.md#notes-2)",
+                "[s](#nowhere)", "![fig](docs/img.png)", "[ref]: docs/page.md#gone", "[up](../README.md)",
+                "[page](docs/page.md#Page-1)"]:
+        assert len(broken_links("README.md", bad, tmp_path)) == 1, bad
+
+
+def test_every_relative_link_and_anchor_of_every_markdown_file_resolves():
+    names = markdown_files()
+    found = []
+    for name in names:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            found += broken_links(name, f.read(), ROOT)
+    assert not found, "broken links:\n" + "\n".join(found)

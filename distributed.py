@@ -4,7 +4,7 @@ Run without torchrun (or with one process) and every function here is a no-op. U
 `torchrun --nproc_per_node N [--nnodes M ...]` each process joins the group that torchrun
 describes in its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on
 CUDA, gloo otherwise. How the work is split and why the numbers are those of the authors'
-DataParallel runs is in README.md, "Several GPUs and machines".
+DataParallel runs is in docs/distributed.md.
 """
 import contextlib
 import os

@@ -74,7 +74,7 @@ def build_parser(stage):
                        help="training forward (same numbers either way): dynamic back-propagates only "
                             "through the options some sample chose (one host sync per block); mixed "
                             "keeps every option in the autograd graph (no sync; may pay on a GPU)")
-    x = p.add_argument_group("departures from the paper (off by default; README)")
+    x = p.add_argument_group("departures from the paper (off by default; docs/departures.md)")
     x.add_argument("--tf32", action="store_true", help="allow TF32 (blurs bitwidths above 10; spec §8)")
     # Stages 2-3 accept --sync-bn only to refuse it with the reason (validate_args), so it is not offered there.
     x.add_argument("--sync-bn", action="store_true",
@@ -174,7 +174,7 @@ def validate_args(stage, args):
         value = getattr(args, name, 0.0)  # cost_weight: gated stages only
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if args.sync_bn and stage.gated:  # see README, "Several GPUs and machines"
+    if args.sync_bn and stage.gated:  # see docs/distributed.md
         raise ValueError("--sync-bn is for stage 1: a gated block may run a batch norm with autograd on one "
                          "process and without on another, and SyncBatchNorm's backward needs them all")
     if stage.gated:

@@ -28,7 +28,7 @@ def test_help_shows_each_stages_defaults_in_groups(stage, iters, lr):
     assert f"--iters ITERS iterations of this stage (default: {iters})" in text
     assert f"--lr LR learning rate (default: {lr})" in text
     assert settings.TITLES[stage.name] in text
-    for group in ("the authors' flags:", "data:", "run (ours):", "departures from the paper (off by default; README):"):
+    for group in ("the authors' flags:", "data:", "run (ours):", "departures from the paper (off by default; docs/departures.md):"):
         assert group in text
     if stage.gated:
         assert "(default: 1e-05)" in text and f"(default: {stage.target_cp})" in text

@@ -6,7 +6,8 @@
 Architecture and options are read from each checkpoint. Under `torchrun --nproc_per_node N`
 the test set is shared out over the processes and the counts added up: the same figures. With several checkpoints it also
 prints the accuracy-vs-computation table and writes two PNGs: accuracy against computation
-percentage, and each checkpoint's decision distribution per block (as the paper's figures).
+percentage, and each checkpoint's decision distribution per block (as the paper's figures). The
+table and the first plot give each top-1 its 95 % Wilson score interval on the number of test images.
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ from models.cost import option_costs
 from plots import plot
 from search_policy import UNITS, knapsack, option_units
 from settings import UserError
-from significance import pack_bits
+from significance import accuracy_interval, pack_bits
 
 
 def evaluate_checkpoint(path, args):
@@ -161,16 +162,19 @@ def control_record(model, batches, force, name, gate_cp):
 
 
 def table(records):
-    """Accuracy-vs-computation table, sorted by computation percentage (with measured time if --time)."""
+    """Accuracy-vs-computation table, sorted by computation percentage (with measured time if --time),
+    each top-1 with its 95 % Wilson score interval on the number of test images."""
     timed = any("timing" in r for r in records)
-    rows = ["| computation % |" + (" measured time %, eval batch / batch 1 |" if timed else "") + " top-1 % | arch | checkpoint |",
-            "|---:|" + ("---:|" if timed else "") + "---:|---|---|"]
+    rows = ["| computation % |" + (" measured time %, eval batch / batch 1 |" if timed else "") +
+            " top-1 % | 95 % interval (Wilson score on the test images) | test images | arch | checkpoint |",
+            "|---:|" + ("---:|" if timed else "") + "---:|---:|---:|---|---|"]
     for r in sorted(records, key=lambda r: r["computation_percentage"]):
         t = r.get("timing")
         measured = (" / ".join(f"{v['time_percentage']:.1f}" for k, v in t.items() if k.startswith("batch_")) + " |"
                     if t else " - |") if timed else ""
-        rows.append(f"| {r['computation_percentage']:.2f} |{measured} {r['accuracy']:.2f} | "
-                    f"{r['arch']} | {r['checkpoint']} |")
+        low, high = accuracy_interval(r["accuracy"], r["num_samples"])
+        rows.append(f"| {r['computation_percentage']:.2f} |{measured} {r['accuracy']:.2f} | [{low:.2f}, {high:.2f}] | "
+                    f"{r['num_samples']} | {r['arch']} | {r['checkpoint']} |")
     return "\n".join(rows)
 
 

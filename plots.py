@@ -1,5 +1,6 @@
-"""Plots: accuracy against computation, per-block decisions (a fixed colour per option name in every
-panel), and a run's training curves (computation percentage against its target, option shares per block).
+"""Plots: accuracy against computation (each point's 95 % Wilson interval on the test images as a
+bar), per-block decisions (a fixed colour per option name in every panel), and a run's training
+curves (computation percentage against its target, option shares per block).
 
     python plots.py SAVE_FOLDER/ARCH     # writes SAVE_FOLDER/ARCH/training.png from its train.jsonl
 """
@@ -10,6 +11,7 @@ import sys
 import torch
 
 import runfolder
+from significance import accuracy_interval
 
 
 def run_label(record):
@@ -34,23 +36,66 @@ def _pyplot():
     return plt
 
 
+MIN_SPAN_INTERVALS = 4  # the accuracy axis spans at least this many of the widest interval
+
+
+def accuracy_bounds(record):
+    """(low, high) top-1 %: the record's 95 % Wilson interval on its test images, or (accuracy,
+    accuracy) for a record without the number of images."""
+    n = record.get("num_samples") or record.get("num_test_images")
+    return accuracy_interval(record["accuracy"], n) if n else (record["accuracy"],) * 2
+
+
+def accuracy_ylim(bounds, margin=0.08):
+    """(bottom, top) of an accuracy axis showing every (low, high) in `bounds`, at least
+    MIN_SPAN_INTERVALS times the widest interval tall (so that a gap smaller than the intervals never
+    fills the plot like a cliff), within [0, 100] where it fits; None without intervals."""
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    widest = max(b[1] - b[0] for b in bounds)
+    if widest <= 0:
+        return None
+    span = max(hi - lo, MIN_SPAN_INTERVALS * widest)
+    span += 2 * margin * span
+    bottom = (lo + hi - span) / 2
+    bottom = max(0.0, min(bottom, 100.0 - span)) if span <= 100 else bottom
+    return bottom, bottom + span
+
+
 def plot_accuracy(records, path):
-    """Top-1 accuracy against computation percentage: a point per checkpoint, labelled with its run
-    folder; a line joins only checkpoints with the same option set (a set's accuracy-cost curve)."""
+    """Top-1 accuracy against computation percentage: a point per checkpoint with its 95 % Wilson
+    interval on the test images as a bar, labelled with its run folder; a line joins only checkpoints
+    with the same option set (a set's accuracy-cost curve). The full-precision network (option set
+    "full"), where present, is also a dashed line across; the y range holds every bar (see
+    `accuracy_ylim`)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    by_options = {}
+    by_options, bounds = {}, []
     for r in records:
         by_options.setdefault(tuple(r.get("option_names") or ["full"]), []).append(r)
     for options, rs in by_options.items():
         rs = sorted(rs, key=lambda r: r["computation_percentage"])
-        ax.plot([r["computation_percentage"] for r in rs], [r["accuracy"] for r in rs], "o-" if len(rs) > 1 else "o",
-                label=", ".join(o.replace("-bit", "") for o in options))
+        x, y = [r["computation_percentage"] for r in rs], [r["accuracy"] for r in rs]
+        ci = [accuracy_bounds(r) for r in rs]
+        reference = options == ("full",)
+        line = ax.errorbar(x, y, yerr=[[a - b[0] for a, b in zip(y, ci)], [b[1] - a for a, b in zip(y, ci)]],
+                           fmt="o-" if len(rs) > 1 else "o", capsize=3, elinewidth=1,
+                           label="full (reference, dashed)" if reference else
+                           ", ".join(o.replace("-bit", "") for o in options))
+        if reference:
+            for a in y:
+                ax.axhline(a, color=line[0].get_color(), linestyle="--", linewidth=0.8)
+        bounds += ci
         for r in rs:
             ax.annotate(run_label(r), (r["computation_percentage"], r["accuracy"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
+    ylim = accuracy_ylim(bounds)
+    if ylim:
+        ax.set_ylim(*ylim)
+    counts = sorted({n for r in records if (n := r.get("num_samples") or r.get("num_test_images"))})
+    images = "the test images" if len(counts) != 1 else f"the {counts[0]:,} test images"
     ax.set(xlabel="computation percentage (%)", ylabel="top-1 accuracy (%)", title="accuracy vs computation")
-    ax.legend(fontsize=7, title="options", title_fontsize=7)
+    ax.legend(fontsize=7, title=f"options; bars: 95 % Wilson score\ninterval on {images}" if counts else "options",
+              title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

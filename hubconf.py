@@ -1,0 +1,60 @@
+"""torch.hub entry points: every architecture, and every released checkpoint by name (docs/model_zoo.md).
+
+    torch.hub.load("path/to/repository", "dfs_cp20_s0", source="local")          # released weights, eval mode
+    torch.hub.load("path/to/repository", "dfs_resnet38", source="local", num_classes=100, options="paper")
+
+An architecture's entry point takes num_classes, options and the other arguments of
+models.build_model. A checkpoint's entry point (one per row of docs/model_zoo.json) reads its file
+from this repository with weights only (evaluation.load_model, after checking the file's sha256) and
+returns the model on `device` in eval mode; pretrained=False gives the same network untrained.
+"""
+import hashlib as _hashlib
+import json as _json
+import os as _os
+
+import evaluation as _evaluation
+import models as _models
+from checkpoint import load_checkpoint as _load_checkpoint
+
+dependencies = ["torch"]
+
+_ROOT = _os.path.dirname(_os.path.abspath(__file__))
+
+
+def _architecture(name):
+    def entry(num_classes=10, options=None, pretrained=False, **kwargs):
+        if pretrained:
+            raise ValueError(f"{name} has no weights of its own; load a released checkpoint by name "
+                             "(docs/model_zoo.md)")
+        return _models.build_model(name, num_classes, options, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = (f"{name}, untrained: build_model({name!r}, num_classes, options, **kwargs)"
+                     + (" (options: skip, bitwidths, full; default: the released code's)." if name.startswith("dfs_")
+                        else " (a plain CIFAR ResNet)."))
+    return entry
+
+
+def _checkpoint(row):
+    path = _os.path.join(_ROOT, row["file"])
+
+    def entry(pretrained=True, device="cpu"):
+        if not pretrained:
+            return _evaluation.model_from_config(_evaluation.model_config(_load_checkpoint(path))).to(device).eval()
+        with open(path, "rb") as f:
+            if _hashlib.sha256(f.read()).hexdigest() != row["sha256"]:
+                raise RuntimeError(f"{path} is not the released file (its sha256 differs from docs/model_zoo.json)")
+        return _evaluation.load_model(path, device)[0].eval()
+    t = row.get("test")
+    figures = (f"test top-1 {t['top1']:.2f} % (95 % interval [{t['interval_95'][0]:.2f}, {t['interval_95'][1]:.2f}]) "
+               f"at {t['computation_percentage']:.2f} % computation" if t else "a stage-2 gate, not evaluated on test")
+    entry.__name__ = entry.__qualname__ = row["hub"]
+    entry.__doc__ = (f"{row['arch']} on {row['dataset']}, options {', '.join(row['options'])}, {row['method']}: "
+                     f"{figures} ({row['file']}).")
+    return entry
+
+
+for _name in _models.MODELS:
+    globals()[_name] = _architecture(_name)
+with open(_os.path.join(_ROOT, "docs", "model_zoo.json")) as _f:
+    for _row in _json.load(_f):
+        globals()[_row["hub"]] = _checkpoint(_row)

@@ -1,0 +1,96 @@
+"""The model zoo and torch.hub: docs/model_zoo.md and .json are what scripts/model_zoo.py makes from
+the records and the files, every released checkpoint is listed with its size and sha256, and every
+hubconf.py entry point is listed, documented, and loads what eval.py loads."""
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import evaluation
+import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(ROOT, "docs", "model_zoo.json")) as f:
+    ZOO = json.load(f)
+
+
+def load_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_zoo_page_and_json_are_what_the_script_makes_from_the_records_and_files():
+    text, rows = load_file("model_zoo", "scripts/model_zoo.py").build()
+    with open(os.path.join(ROOT, "docs", "model_zoo.md")) as f:
+        assert text == f.read(), "docs/model_zoo.md is stale: run python scripts/model_zoo.py"
+    assert json.loads(json.dumps(rows)) == ZOO, "docs/model_zoo.json is stale: run python scripts/model_zoo.py"
+
+
+def test_every_released_checkpoint_is_listed_with_its_size_and_sha256():
+    released = sorted(os.path.relpath(p, ROOT) for folder in ("fashion-mnist", "fashion-mnist-dynamic")
+                      for p in glob.glob(os.path.join(ROOT, "results", folder, "checkpoints", "*.pth")))
+    assert sorted(r["file"] for r in ZOO) == released and len(released) == 58
+    with open(os.path.join(ROOT, "docs", "model_zoo.md")) as f:
+        text = f.read()
+    for r in ZOO:
+        with open(os.path.join(ROOT, r["file"]), "rb") as f:
+            raw = f.read()
+        assert (len(raw), hashlib.sha256(raw).hexdigest()) == (r["size_bytes"], r["sha256"]), r["file"]
+        assert f"](../{r['file']}) |" in text and f"| {r['size_bytes']} | `{r['sha256'][:12]}` |" in text
+    # the interval is Wilson's on the count correct: round 1's backbone, 9,320 of 10,000
+    backbone = next(r for r in ZOO if r["name"] == "backbone")["test"]
+    assert backbone["correct"] == 9320 and backbone["images"] == 10000
+    assert backbone["interval_95"] == [92.6898, 93.677] and "| 93.20 [92.69, 93.68] |" in text
+
+
+@pytest.fixture
+def hub_here(monkeypatch):
+    """torch.hub.list and help take a GitHub repository only (no source="local" in this torch): the
+    download is replaced by this checkout, the rest is torch's own code."""
+    monkeypatch.setattr(torch.hub, "_get_cache_or_reload", lambda *args, **kwargs: ROOT)
+    return "owner/dfs"
+
+
+def test_hub_lists_every_architecture_and_checkpoint_with_a_one_line_docstring(hub_here):
+    names = torch.hub.list(hub_here)
+    assert sorted(names) == sorted({r["hub"] for r in ZOO} | set(models.MODELS))
+    for name in names:
+        doc = torch.hub.help(hub_here, name)
+        assert doc and doc == doc.strip() and "\n" not in doc, name
+    assert "test top-1 93.08 % (95 % interval [92.57, 93.56]) at 19.79 % computation" in torch.hub.help(hub_here, "dfs_cp20_s0")
+
+
+def test_hub_loads_every_released_checkpoint_as_eval_does():
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for r in ZOO:
+        model = torch.hub.load(ROOT, r["hub"], source="local", pretrained=True)
+        reference, _ = evaluation.load_model(os.path.join(ROOT, r["file"]), "cpu")
+        assert not model.training, r["hub"]
+        with torch.no_grad():
+            got, want = evaluation.split_output(model(x)), evaluation.split_output(reference.eval()(x))
+        assert torch.equal(got[0], want[0]), r["hub"]
+        assert (got[1] is None) == (want[1] is None) and (got[1] is None or torch.equal(got[1], want[1])), r["hub"]
+
+
+def test_hub_builds_architectures_and_untrained_checkpoint_networks_and_refuses_a_changed_file():
+    net = torch.hub.load(ROOT, "dfs_resnet38", source="local", num_classes=100, options="paper")
+    assert net.option_names == ["skip", "8-bit", "16-bit", "full"] and net.fc.out_features == 100
+    assert torch.hub.load(ROOT, "resnet20", source="local").fc.out_features == 10
+    with pytest.raises(ValueError):
+        torch.hub.load(ROOT, "resnet20", source="local", options="paper")
+    untrained = torch.hub.load(ROOT, "static_8_s0", source="local", pretrained=False)
+    trained = torch.hub.load(ROOT, "static_8_s0", source="local")
+    assert untrained.option_names == trained.option_names == ["8-bit"]
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (untrained, trained)]
+    assert shapes[0] == shapes[1]
+    assert not torch.equal(untrained.fc.weight, trained.fc.weight)
+    hubconf = load_file("hubconf_under_test", "hubconf.py")
+    row = next(r for r in ZOO if r["hub"] == "static_8_s0")
+    with pytest.raises(RuntimeError, match="sha256"):
+        hubconf._checkpoint(dict(row, sha256="0" * 64))()

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.errors import DatasetError
+
 _CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 # The authors' code normalised CIFAR-100 and SVHN with the CIFAR-10 constants too; kept as is.
 # fashion-mnist-marked is normalised as fashion-mnist, so an unmarked image is the same network input in both
@@ -34,10 +36,6 @@ MARK_SEED = 20190202  # fashion-mnist-marked's marked halves: "train" draws from
 MARK_COLORS = torch.tensor([(255, 0, 0), (255, 153, 0), (204, 255, 0), (51, 255, 0), (0, 255, 102),
                             (0, 255, 255), (0, 102, 255), (51, 0, 255), (204, 0, 255), (255, 0, 153)],
                            dtype=torch.uint8)
-
-
-class DatasetError(Exception):
-    """A dataset that cannot be found or read; its message is one line for the user."""
 
 
 def read_idx(path, magic):

@@ -17,15 +17,15 @@ import sys
 import torch
 
 import data
-import distributed
-import int8
-from checkpoint import CheckpointError
-from evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
+from core import distributed, int8
+from core.errors import CheckpointError, DFSError, UserError
+from core.evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
+from core.plots import plot
+from models import build_model
 from models.cost import option_costs
-from plots import plot
-from search_policy import UNITS, knapsack, option_units
-from settings import UserError
-from significance import accuracy_interval, pack_bits
+from study.search_policy import UNITS, knapsack, option_units
+from core.intervals import accuracy_interval
+from study.significance import pack_bits
 
 
 def evaluate_checkpoint(path, args):
@@ -56,9 +56,10 @@ def evaluate_checkpoint(path, args):
     if getattr(model, "policy", None) is not None:
         record["policy"] = model.policy_names()
     if args.time and hasattr(model, "options"):
-        from timing import time_against_plain
+        from core.timing import time_against_plain
         x, _ = next(iter(batches))
-        record["timing"] = time_against_plain(model, x, torch.device(args.device), args.time_repeats)
+        record["timing"] = time_against_plain(model, plain_resnet(model), x, torch.device(args.device),
+                                              args.time_repeats)
         t = record["timing"]
         print("measured eval time vs the plain ResNet with the same weights: " + ", ".join(
             f"batch {k.split('_')[1]} {v['time_percentage']:.1f} % ({v['gated_ms']:.2f} vs {v['plain_ms']:.2f} ms; "
@@ -75,6 +76,14 @@ def evaluate_checkpoint(path, args):
         record["controls"] = {name: control_record(model, batches, force, name, stats["computation_percentage"])
                               for name, force in controls(stats["choices"], args.control_seed, model).items()}
     return record
+
+
+def plain_resnet(model):
+    """The plain ResNet with a gated model's weights: the gate removed, every block at full precision."""
+    plain = build_model(f"resnet{6 * (len(model.blocks) // 3) + 2}", model.num_classes)
+    own = model.state_dict()
+    plain.load_state_dict({k: own[k] for k in plain.state_dict()})
+    return plain
 
 
 def recalibrated_record(model, ckpt, dataset, batches, args):
@@ -190,7 +199,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here (a list when several checkpoints)")
     p.add_argument("--plot-dir", help="write the PNG plots here (default with several checkpoints: eval_plots)")
     p.add_argument("--per-image", action="store_true",
-                   help="store which images each model got right (for significance.py), one process")
+                   help="store which images each model got right (for study/significance.py), one process")
     p.add_argument("--controls", action="store_true",
                    help="also evaluate the gate's decisions shuffled across images per block (shuffled) and as "
                         "whole rows (row_shuffled), each block's majority option for every image (majority), and "
@@ -210,7 +219,7 @@ def main(argv=None):
                         "(round-robin medians)")
     p.add_argument("--time-repeats", type=int, default=5)
     p.add_argument("--int8", action="store_true",
-                   help="run the 8-bit option through oneDNN's int8 convolution (CPU; int8.py): the same codes, "
+                   help="run the 8-bit option through oneDNN's int8 convolution (CPU; core/int8.py): the same codes, "
                         "results equal to the fake-quantized ones up to fp32 rounding (a departure, off by default)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -230,9 +239,9 @@ def main(argv=None):
             p.error(str(e))
         try:
             records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
-        except (CheckpointError, data.DatasetError, UserError) as e:
+        except DFSError as e:  # CheckpointError, DatasetError, UserError
             print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
-            return 2
+            return e.status
         if not distributed.is_main():  # process 0 alone prints the table and writes
             return 0
     if len(records) > 1:

@@ -5,16 +5,16 @@
 
 An architecture's entry point takes num_classes, options and the other arguments of
 models.build_model. A checkpoint's entry point (one per row of docs/model_zoo.json) reads its file
-from this repository with weights only (evaluation.load_model, after checking the file's sha256) and
+from this repository with weights only (core.evaluation.load_model, after checking the file's sha256) and
 returns the model on `device` in eval mode; pretrained=False gives the same network untrained.
 """
 import hashlib as _hashlib
 import json as _json
 import os as _os
 
-import evaluation as _evaluation
 import models as _models
-from checkpoint import load_checkpoint as _load_checkpoint
+from core import evaluation as _evaluation
+from core.checkpoint import load_checkpoint as _load_checkpoint
 
 dependencies = ["torch"]
 

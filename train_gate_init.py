@@ -11,7 +11,7 @@ released code. The loss is the stage-3 loss with the target at 100 %.
 import itertools
 import sys
 
-from engine import Stage, budget_loss, main
+from core.engine import Stage, budget_loss, main
 
 STAGE = Stage(name="gate_init", gated=True, parent="base", lr=0.01, iters=2000, target_cp=100.0,
               trainable=lambda m: itertools.chain(m.gate.parameters(), m.gate_embeds.parameters()),

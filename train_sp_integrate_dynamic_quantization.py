@@ -6,7 +6,7 @@
 """
 import sys
 
-from engine import main
+from core.engine import main
 from train_dfs import STAGE
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/int8.py [--depth 38] [--batch-sizes 128,1] [--json int8.json]
 
-Per conv shape (eval, no autograd), timed round-robin (timing.py), with each path's largest
+Per conv shape (eval, no autograd), timed round-robin (core/timing.py), with each path's largest
 difference from the spec's fake-quantized 8-bit conv on the same input (relative to its largest
 value):
   fp32 / fp32 channels_last  full precision (F.conv2d), the two memory formats
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import int8  # noqa: E402
+from core import int8  # noqa: E402
+from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
 from quantize import fake_quantize, grid_scale  # noqa: E402
-from timing import hardware, round_robin  # noqa: E402
 
 
 def conv_shapes(model, images):

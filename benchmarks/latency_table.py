@@ -5,7 +5,7 @@
 
 Each gated block runs each option on its real input shape (the features a random batch reaches it
 with), eval mode, no autograd; skip is the block's shortcut. Timed round-robin, medians
-(timing.py). --costs-out writes, per gated block, each option's time divided by that block's
+(core/timing.py). --costs-out writes, per gated block, each option's time divided by that block's
 full-precision time: a latency-true cost table (a departure from the paper's (b/32)^2).
 """
 import argparse
@@ -16,9 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import int8  # noqa: E402
+from core import int8  # noqa: E402
+from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
-from timing import hardware, round_robin  # noqa: E402
 
 
 @torch.no_grad()

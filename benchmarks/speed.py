@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core.timing import milliseconds  # noqa: E402
 from models import build_model  # noqa: E402
 from models.gate import straight_through  # noqa: E402
-from timing import milliseconds  # noqa: E402
 
 # Option shares of the steered patterns (options of the default set; others get 0).
 PATTERNS = {

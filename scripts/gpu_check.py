@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import runfolder  # noqa: E402
+from core import runfolder  # noqa: E402
 
 TEST_FILES = ["tests/test_quantize.py", "tests/test_models.py", "tests/test_execution.py", "tests/test_spec.py"]
 
@@ -104,8 +104,8 @@ def item_sparse_vs_dense(device, quick):
 
 
 def timed(fn, device, repeats):
-    """Seconds per call after one warm-up call (timing.milliseconds)."""
-    from timing import milliseconds
+    """Seconds per call after one warm-up call (core.timing.milliseconds)."""
+    from core.timing import milliseconds
     fn()
     return milliseconds(fn, device, repeats) / 1000
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the spec's code (optional, for developers; not in CI: far too slow for 2 cores).
 # mutmut (setup.cfg [mutmut]) injects small bugs one at a time into quantize.py, models/ and the
-# engine's loss and schedule, runs the fast in-process tests on each, and reports the survivors.
+# engine's (core/engine.py) loss and schedule, runs the fast in-process tests on each, and reports the survivors.
 #
 #   .venv/bin/pip install -r requirements-dev.txt     # once
 #   bash scripts/mutation.sh            # the core scope (636 mutants; tests/README.md has the last score)
@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 MUTMUT=.venv/bin/mutmut
 [ -x "$MUTMUT" ] || { echo "mutmut is not installed: .venv/bin/pip install -r requirements-dev.txt" >&2; exit 2; }
 
-ENGINE=('engine.x_budget_loss__*' 'engine.x_cross_entropy_loss__*' 'engine.x_learning_rate__*'
-        'engine.x_train_step__*')
+ENGINE=('core.engine.x_budget_loss__*' 'core.engine.x_cross_entropy_loss__*' 'core.engine.x_learning_rate__*'
+        'core.engine.x_train_step__*')
 # The spec's rules: quantizer, cost model, gate, blocks and init, the gated forward, loss and schedule.
 # Left out of the core: constructors, the option-list parser, the registry, load_backbone and the
 # MACs/BitOPs report (mostly error messages and bookkeeping; `full` includes them).

@@ -23,12 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoint  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
 import train_base  # noqa: E402
 import train_dfs  # noqa: E402
 import train_gate_init  # noqa: E402
+from core import checkpoint, distributed, engine  # noqa: E402
 from models import build_model  # noqa: E402
 
 eval_cli = __import__("eval")  # eval.py, not the builtin

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-import engine
 import eval as eval_script
 import train_dfs
 import train_gate_init
-from checkpoint import CheckpointError, load_checkpoint
-from evaluation import model_config, model_from_config
+from core import engine
+from core.checkpoint import CheckpointError, load_checkpoint
+from core.evaluation import model_config, model_from_config
 from helpers import images, randomize_bn, small_synthetic, spread_gate
 from models import build_model
 

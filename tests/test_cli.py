@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import settings
 import train_base
 import train_dfs
 import train_gate_init
+from core import settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def test_the_authors_other_flags_say_what_to_use_instead(flag, value, words, cap
 
 
 def test_a_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, capsys):
-    import engine
+    from core import engine
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"not a checkpoint at all" * 10)
     assert engine.main(train_gate_init.STAGE, ["train", "dfs_resnet20", "--resume", str(bad), "--device", "cpu",
@@ -118,8 +118,8 @@ def test_stage_scripts_say_how_to_make_the_environment(tmp_path):
 def test_a_gated_run_records_each_interval_and_plots_its_budget(tmp_path):
     """train.jsonl per logging interval (loss, accuracy, lr, computation % against the target, each
     block's option shares), train.log with the console lines and their time, training.png at the end."""
-    import engine
-    import plots
+    from core import engine
+    from core import plots
     from helpers import small_synthetic
     common = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "16", "--print-freq", "2"]
     with small_synthetic(64, 32):
@@ -148,7 +148,7 @@ def test_a_gated_run_records_each_interval_and_plots_its_budget(tmp_path):
 
 
 def test_plots_keep_one_colour_per_option_name(tmp_path, monkeypatch):
-    import plots
+    from core import plots
     drawn = []
     real = plots._pyplot()
     monkeypatch.setattr(real.Axes, "bar", lambda self, *a, **kw: drawn.append((kw["label"], kw["color"])))
@@ -183,9 +183,13 @@ def test_measured_time_and_a_latency_table_that_feeds_costs(tmp_path, capsys):
     assert len(table) == 8 and all(row["full"] == 1.0 for row in table)
     assert parse_costs(table, ("skip", 8, "full"), 8).shape == (8, 3)
     assert json.loads(out.read_text())["hardware"]["threads"] >= 1
-    from timing import time_against_plain
+    import eval as eval_script
+    from core.timing import time_against_plain
     model = build_model("dfs_resnet20", options="skip,8,full").eval()
-    t = time_against_plain(model, torch.randn(4, 3, 32, 32), torch.device("cpu"), repeats=1, round_ms=1)
+    plain = eval_script.plain_resnet(model)
+    assert type(plain).__name__ == "CifarResNet" and not hasattr(plain, "gate")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
+    t = time_against_plain(model, plain, torch.randn(4, 3, 32, 32), torch.device("cpu"), repeats=1, round_ms=1)
     assert set(t) == {"hardware", "repeats", "batch_4", "batch_1"}
     assert t["batch_4"]["time_percentage"] == 100 * t["batch_4"]["gated_ms"] / t["batch_4"]["plain_ms"]
     assert t["batch_1"]["time_percentage_vs_channels_last"] == \
@@ -194,7 +198,7 @@ def test_measured_time_and_a_latency_table_that_feeds_costs(tmp_path, capsys):
 
 def test_eval_time_flag_end_to_end(tmp_path, capsys):
     import eval as eval_script
-    from checkpoint import save_checkpoint
+    from core.checkpoint import save_checkpoint
     from models import build_model
     model = build_model("dfs_resnet20", options="skip,8,full")
     path = tmp_path / "m.pth.tar"

@@ -302,10 +302,10 @@ def test_without_a_cost_table_the_costs_are_the_papers_bit_for_bit():
 def test_stage_3_trains_and_logs_with_the_file_costs(tmp_path):
     import json
 
-    import engine
+    from core import engine
     import train_base
     import train_dfs
-    from evaluation import load_model
+    from core.evaluation import load_model
     from helpers import small_synthetic
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"skip": 0.1, "8-bit": 0.9, "full": 1.0}))

@@ -277,7 +277,7 @@ def test_svhn_errors(tmp_path, monkeypatch):
     ("fewer labels", "train-labels-idx1-ubyte.gz holds 2 labels for the 3 images of"),
     ("image shape", "train-images-idx3-ubyte holds images of shape [28, 27], not 28x28")])
 def test_bad_fashion_files_are_named_in_one_line_before_training(fault, words, tmp_path, capsys):
-    import engine
+    from core import engine
     import train_base
     folder = tmp_path / "fashion-mnist"
     write_fake_fashion(folder)

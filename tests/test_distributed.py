@@ -19,11 +19,9 @@ import torch.nn.functional as F
 
 import data
 import ddp_worker  # tests/ddp_worker.py, importable as pytest puts tests/ on sys.path
-import engine
-import evaluation
-import runfolder
 import train_dfs
-from checkpoint import load_checkpoint
+from core import engine, evaluation, runfolder
+from core.checkpoint import load_checkpoint
 from helpers import log_records
 from models import build_model
 

@@ -1,4 +1,4 @@
-"""eval.py --int8 (int8.py): the 8-bit option through oneDNN's u8 x s8 convolution gives the
+"""eval.py --int8 (core/int8.py): the 8-bit option through oneDNN's u8 x s8 convolution gives the
 fake-quantized conv's result up to fp32 rounding, follows weight and range changes, and leaves
 training and autograd on the spec's path."""
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import int8
+from core import int8
 from helpers import images, randomize_bn, small_synthetic, spread_gate
 from models import build_model
 from quantize import QConv2d, fake_quantize
@@ -121,7 +121,7 @@ def test_int8_network_agrees_with_the_fake_quantized_one():
 
 def test_eval_int8_end_to_end_and_its_errors(tmp_path, capsys):
     import eval as eval_script
-    from checkpoint import save_checkpoint
+    from core.checkpoint import save_checkpoint
     model = gated_model()
     path = tmp_path / "m.pth.tar"
     save_checkpoint({"model": model.state_dict(), "stage": "dfs", "arch": "dfs_resnet20", "num_classes": 10,

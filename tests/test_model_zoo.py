@@ -1,4 +1,4 @@
-"""The model zoo and torch.hub: docs/model_zoo.md and .json are what scripts/model_zoo.py makes from
+"""The model zoo and torch.hub: docs/model_zoo.md and .json are what study/model_zoo.py makes from
 the records and the files, every released checkpoint is listed with its size and sha256, and every
 hubconf.py entry point is listed, documented, and loads what eval.py loads."""
 import glob
@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-import evaluation
 import models
+from core import evaluation
+from study import model_zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "docs", "model_zoo.json")) as f:
@@ -26,10 +27,10 @@ def load_file(name, path):
 
 
 def test_the_zoo_page_and_json_are_what_the_script_makes_from_the_records_and_files():
-    text, rows = load_file("model_zoo", "scripts/model_zoo.py").build()
+    text, rows = model_zoo.build()
     with open(os.path.join(ROOT, "docs", "model_zoo.md")) as f:
-        assert text == f.read(), "docs/model_zoo.md is stale: run python scripts/model_zoo.py"
-    assert json.loads(json.dumps(rows)) == ZOO, "docs/model_zoo.json is stale: run python scripts/model_zoo.py"
+        assert text == f.read(), "docs/model_zoo.md is stale: run python study/model_zoo.py"
+    assert json.loads(json.dumps(rows)) == ZOO, "docs/model_zoo.json is stale: run python study/model_zoo.py"
 
 
 def test_every_released_checkpoint_is_listed_with_its_size_and_sha256():

@@ -218,11 +218,11 @@ def test_the_flag_through_the_stages_the_checkpoint_and_eval(tmp_path, capsys):
     """--bn per-option: stage 2 from a backbone, stage 3 from a shared-BN stage 2 (options start as the
     shared BN), continued with the flag inherited; the checkpoint's model config holds it and eval.py
     rebuilds it; a shared-BN stage 3 from a per-option checkpoint is refused in one line."""
-    import engine
+    from core import engine
     import eval as eval_script
     import train_dfs
     import train_gate_init
-    from checkpoint import load_checkpoint
+    from core.checkpoint import load_checkpoint
     from test_static import stages
     shared_gate, common = stages(tmp_path)
     base = str(tmp_path / "base" / "resnet20" / "model_best.pth.tar")

@@ -27,14 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 import data
-import engine
-import evaluation
 import models
 import train_base
 import train_dfs
 import train_gate_init
+from core import checkpoint, engine, evaluation
 from helpers import log_records, small_synthetic, snapshot
 from models.dfs_resnet import DFSResNet
 

@@ -6,14 +6,13 @@ Each was checked by breaking its one line on a copy of the code and watching the
 import pytest
 import torch
 
-import authors
 import data
-import int8
-import search_policy
-from evaluation import model_config, model_from_config
+from core import authors, int8
+from core.evaluation import model_config, model_from_config
 from helpers import images, randomize_bn
 from models import build_model
 from quantize import QConv2d
+from study import search_policy
 from test_authors import their_state, trained_dfs
 
 

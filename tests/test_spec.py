@@ -22,11 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import engine
-import settings
 import train_base
 import train_dfs
 import train_gate_init
+from core import engine, settings
 from models import build_model
 from models.cost import option_costs
 from models.dfs_resnet import DFSResNet

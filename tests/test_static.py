@@ -7,23 +7,20 @@ import copy
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-import engine
 import eval as eval_script
-import evaluation
-import search_policy
-import significance
 import train_base
 import train_dfs
 import train_gate_init
-from checkpoint import load_checkpoint
-from evaluation import model_config
+from core import engine, evaluation
+from core.checkpoint import load_checkpoint
+from core.evaluation import model_config
 from helpers import DEVICE, images, randomize_bn, small_synthetic, spread_gate
 from models import build_model, parse_policy
+from study import search_policy, significance
 
 PAPER = ("skip", 8, 16, "full")
 POLICY = ("skip", 8, 16, "full", 8, 8, "skip", "full")  # 8 gated blocks of a ResNet-20
@@ -432,11 +429,22 @@ def test_round3_statistics_by_hand():
     """Holm: p sorted 0.01, 0.03, 0.04 -> 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, max(0.06, 1 x 0.04) = 0.06.
     t-test with df 2 has the closed form p = 1 - |t| / sqrt(2 + t^2): values 1, 2, 3 give
     t = 2 / (1 / sqrt 3) = sqrt 12, p = 1 - sqrt(12 / 14) = 0.0741799."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import study_round3_analysis as analysis
+    from study import round3_analysis as analysis
     assert analysis.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert analysis.t_test_p([1, 2, 3]) == pytest.approx(1 - math.sqrt(12 / 14), abs=1e-6)
     verdicts = analysis.family({"a": [1.0, 1.1, 0.9], "b": [1.0, -1.0, 0.5], "c": [-2.0, -2.1]})
     assert verdicts["a"][3] == "DFS better" and verdicts["b"][3] == "no difference shown"
     assert verdicts["c"][3].startswith("2 of 3 seeds")
+
+
+def test_round3_pilot_table_takes_runs_given_their_own_beta():
+    """A run given its beta records beta_selected_by None (the pilots themselves); the table still
+    names the pilot that the later runs took their beta from."""
+    from study import round3_analysis as analysis
+    pilot = {"beta": "0.08", "target": 0.8, "val": {"computation_percentage": 0.79, "acc": 90.0},
+             "test": {"accuracy": 89.5}, "beta_selected_by": None}
+    runs = {"pilot_lowbit_b0.08": pilot, "dfs_po_lowbit_cp0.8_s0": {"beta_selected_by": "pilot_lowbit_b0.08"}}
+    rows = analysis.pilots(runs, "lowbit")
+    assert "| pilot_lowbit_b0.08 | 0.08 | 0.8 | 0.790 | 90.00 | 89.50 |" in rows
+    assert rows[-1] == "Chosen: pilot_lowbit_b0.08."
+    assert analysis.pilots({"pilot_lowbit_b0.08": pilot}, "lowbit")[-1] == "Chosen: not yet."

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-import plots
-import significance
+from core import plots
+from study import significance
 
 
 def test_wilson_interval_by_hand():

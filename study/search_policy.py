@@ -1,6 +1,6 @@
 """Find a static per-block policy at a target computation percentage, on the validation split only.
 
-    python search_policy.py CKPT --target 2.5 --out policy.json
+    python study/search_policy.py CKPT --target 2.5 --out policy.json     # or: python -m study.search_policy ...
 
 A baseline for the study of whether DFS's per-input choice matters (not part of the paper). CKPT
 is a gated checkpoint trained with --val-size N; its options, dataset and held-out split are
@@ -26,9 +26,12 @@ import sys
 
 import torch
 
-import data
-from checkpoint import CheckpointError
-from evaluation import evaluate, load_model
+if __name__ == "__main__":  # run as `python study/search_policy.py`: the modules are at the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+from core.errors import CheckpointError, DFSError  # noqa: E402
+from core.evaluation import evaluate, load_model  # noqa: E402
 
 UNITS = 1024  # a block's cost in units: skip 0, b bits b^2, full 1024 = 32^2
 
@@ -186,9 +189,9 @@ def main(argv=None):
         if args.cache:
             cache.update({",".join(map(str, p)): a for p, a in log.items()})
             write_json(args.cache, {**key, "evaluations": cache})
-    except (CheckpointError, data.DatasetError, ValueError) as e:
+    except (DFSError, ValueError) as e:  # CheckpointError, DatasetError; ValueError: the search's own
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "status", 2)
     names = [model.option_names[k] for k in policy]
     measured = sum(p not in known for p in log)
     record = {"policy": names, "computation_percentage": percentage(policy, units), "val_accuracy": acc,

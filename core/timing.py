@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by eval.py --time and benchmarks/latency_table.py.
+"""Wall-clock timing shared by eval.py --time, benchmarks/ and scripts/gpu_check.py.
 
 Configurations are timed round-robin: a warm-up call each, then `repeats` rounds in which every
 configuration runs back to back for about `round_ms`; each figure is the median of its rounds, so
@@ -49,15 +49,12 @@ def hardware(device):
 
 
 @torch.no_grad()
-def time_against_plain(model, x, device, repeats=5, round_ms=300.0):
-    """Eval time of a gated model with its own decisions on `x`, against the plain ResNet with the
-    same weights (the gate removed, every block at full precision), at batch len(x) and batch 1.
-    The plain ResNet is also timed in channels_last (a faster fp32 layout on CPUs), the stronger
-    full-precision baseline."""
-    from models import build_model
-    plain = build_model(f"resnet{6 * (len(model.blocks) // 3) + 2}", model.num_classes).to(device)
-    own = model.state_dict()
-    plain.load_state_dict({k: own[k] for k in plain.state_dict()})
+def time_against_plain(model, plain, x, device, repeats=5, round_ms=300.0):
+    """Eval time of a gated model with its own decisions on `x`, against `plain`, the plain ResNet
+    with the same weights (the gate removed, every block at full precision; the caller builds it,
+    e.g. eval.plain_resnet), at batch len(x) and batch 1. The plain ResNet is also timed in
+    channels_last (a faster fp32 layout on CPUs), the stronger full-precision baseline."""
+    plain = plain.to(device)
     plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     for m in (model, plain, plain_cl):
         m.eval()

@@ -4,10 +4,10 @@ text report, and rebuilding a model from a checkpoint (the one way every tool do
 import torch
 import torch.nn.functional as F
 
-import distributed
-from checkpoint import CheckpointError, load_checkpoint
+from core import distributed
+from core.checkpoint import load_checkpoint
+from core.errors import CheckpointError, UserError
 from models import build_model
-from settings import UserError
 
 
 def split_output(out):

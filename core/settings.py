@@ -8,13 +8,10 @@ import math
 import torch
 
 import data
+from core.errors import UserError
 from models import is_gated, parse_options, resolve_name
 from models.dfs_resnet import EXECUTIONS
 from models.norms import BN_MODES
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported in one line with exit status 2."""
 
 
 TITLES = {"base": "Stage 1: train the plain CIFAR ResNet backbone at full precision.",

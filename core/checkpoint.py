@@ -12,14 +12,11 @@ import warnings
 
 import torch
 
-import authors
+from core import authors
+from core.errors import CheckpointError
 
 FORMAT = 1
 REQUIRED = {"model": dict, "stage": str, "arch": str, "num_classes": int, "step": int}  # key: type
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or not what was expected; one line for the user."""
 
 
 def save_checkpoint(ckpt, path):

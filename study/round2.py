@@ -1,10 +1,10 @@
 """Round 2 of the Fashion-MNIST study: does DFS's per-input choice beat a static network of the same cost?
 
-    python scripts/study_dynamic.py [--runs runs/study-dynamic] [--out results/fashion-mnist-dynamic]
-    python scripts/study_dynamic.py --analyse-only        # tables and plots from results.json
+    python study/round2.py [--runs runs/study-dynamic] [--out results/fashion-mnist-dynamic]
+    python study/round2.py --analyse-only        # tables and plots from results.json
 
 The plan, fixed before the first run, is OUT/PLAN.md. Every run goes through the real scripts
-(train_gate_init.py, train_dfs.py, search_policy.py, eval.py) from round 1's released ResNet-20
+(train_gate_init.py, train_dfs.py, study/search_policy.py, eval.py) from round 1's released ResNet-20
 backbone. Work is done in tiers (PLAN.md); within a tier, run by run. After each run its
 weights-only checkpoint goes to OUT/checkpoints/ and its record to OUT/results.json, so the study
 resumes where it stopped, in this checkout (unfinished runs continue from runs/) or in a fresh one
@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runfolder  # noqa: E402
+from core import runfolder  # noqa: E402
 
 BACKBONE = os.path.join(ROOT, "results", "fashion-mnist", "checkpoints", "backbone.pth")
 ARCH = "dfs_resnet20"
@@ -108,7 +108,7 @@ class Study:
         return record
 
     def release(self, folder, name):
-        from checkpoint import export_weights
+        from core.checkpoint import export_weights
         export_weights(os.path.join(folder, runfolder.BEST), self.released(name))
         return self.released(name)
 
@@ -119,9 +119,9 @@ class Study:
     def run_pilot(self):
         import torch
         import data
-        from checkpoint import load_checkpoint
+        from core.checkpoint import load_checkpoint
         from models import build_model
-        from search_policy import make_accuracy
+        from study.search_policy import make_accuracy
         model = build_model(ARCH, 10, PILOT_BITS + ("full",))
         model.load_backbone(load_checkpoint(BACKBONE)["model"])
         train, val, _ = data.build_batches("fashion-mnist", os.path.join(ROOT, "data"), 256, val_size=5000, seed=0)
@@ -155,7 +155,7 @@ class Study:
             target = self.results["runs"][f["match"]]["val"]["computation_percentage"]
             policy = os.path.join(self.out, "policies", f"{name}.json")
             t = time.time()
-            cmd = [sys.executable, "search_policy.py", parent, "--target", f"{target}", "--out", policy, "--device", "cpu",
+            cmd = [sys.executable, "study/search_policy.py", parent, "--target", f"{target}", "--out", policy, "--device", "cpu",
                    *(["--window", str(f["window"])] if "window" in f else [])]
             with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
                 result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
@@ -256,8 +256,8 @@ def main():
         amendment(study)
     elif not args.analyse_only:
         study.go({int(t) for t in args.tiers.split(",")})
-    import study_analysis
-    study_analysis.write(study.results, args.out)
+    from study import round2_analysis
+    round2_analysis.write(study.results, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 bar), per-block decisions (a fixed colour per option name in every panel), and a run's training
 curves (computation percentage against its target, option shares per block).
 
-    python plots.py SAVE_FOLDER/ARCH     # writes SAVE_FOLDER/ARCH/training.png from its train.jsonl
+    python -m core.plots SAVE_FOLDER/ARCH     # writes SAVE_FOLDER/ARCH/training.png from its train.jsonl
+    python core/plots.py SAVE_FOLDER/ARCH     # the same
 """
 import json
 import os
@@ -10,8 +11,11 @@ import sys
 
 import torch
 
-import runfolder
-from significance import accuracy_interval
+if __name__ == "__main__":  # run as `python core/plots.py`: the packages are at the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from core import runfolder  # noqa: E402
+from core.intervals import accuracy_interval  # noqa: E402
 
 
 def run_label(record):
@@ -181,7 +185,7 @@ def plot_training(folder, path=None):
 def main(argv=None):
     folders = argv if argv is not None else sys.argv[1:]
     if not folders:
-        print("usage: python plots.py SAVE_FOLDER/ARCH [...]", file=sys.stderr)
+        print("usage: python -m core.plots SAVE_FOLDER/ARCH [...]", file=sys.stderr)
         return 2
     for folder in folders:
         try:

@@ -2,8 +2,8 @@
 
 A stage script states only what differs: where its weights come from, what trains, the
 loss and the schedule (a `Stage`); `main(stage)` does the rest: data, model, resume, the
-iteration loop, evaluation, checkpoints and logs. The command line is `settings.py`'s,
-evaluation and rebuilding a model from a checkpoint `evaluation.py`'s.
+iteration loop, evaluation, checkpoints and logs. The command line is `core/settings.py`'s,
+evaluation and rebuilding a model from a checkpoint `core/evaluation.py`'s.
 """
 import argparse
 import dataclasses
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-import distributed
-import runfolder
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from evaluation import evaluate, format_report, model_config, model_from_config, split_output
+from core import distributed, runfolder
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.errors import DFSError, TrainingError, UserError, WriteError
+from core.evaluation import evaluate, format_report, model_config, model_from_config, split_output
+from core.settings import continue_run, given_args, parse_args
 from models import is_gated, resolve_name
 from models.cost import cost_penalty
-from settings import UserError, continue_run, given_args, parse_args
 
 
 @dataclasses.dataclass
@@ -276,10 +276,6 @@ def train_step(run, loss_fn, x, y):
     return loss, logits, decisions, cp
 
 
-class TrainingError(Exception):
-    """Training cannot go on (non-finite loss); exit status 3."""
-
-
 def log_train(run, loss, logits, decisions, cp, y, lr, seconds, writer, say):
     """The compact per-interval line and its TensorBoard scalars, over the global batch."""
     # One reduction: each process's loss is its share of the global loss (see budget_loss); the
@@ -372,7 +368,7 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     bar.close()
     if main_process and run.stage.gated and os.path.exists(os.path.join(run.folder, runfolder.TRAIN_LOG)):
         try:  # a figure, not a result: its failure must not fail a finished run
-            import plots
+            from core import plots
             say(f"training plot: {plots.plot_training(run.folder)}")
         except Exception as e:
             print(f"warning: training plot not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
@@ -462,14 +458,14 @@ def main(stage, argv=None):
     with distributed.session():
         try:
             return run_stage(stage, args, given_args(stage, argv))
-        except (UserError, CheckpointError, data.DatasetError, runfolder.FolderError) as e:
-            # every process says it: under torchrun a file or a GPU may be missing on one machine only
-            print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
-            return 2
         except TrainingError as e:
             if distributed.is_main():  # every process stops here together
                 print(f"error: {e}", file=sys.stderr)
-            return 3
-        except runfolder.WriteError as e:
+            return e.status
+        except WriteError as e:  # process 0's: the only one that writes
             print(f"error: {e}", file=sys.stderr)
-            return 4
+            return e.status
+        except DFSError as e:  # UserError, CheckpointError, DatasetError, FolderError
+            # every process says it: under torchrun a file or a GPU may be missing on one machine only
+            print(f"error: {distributed.error_prefix()}{e}", file=sys.stderr)
+            return e.status

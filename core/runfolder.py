@@ -15,29 +15,14 @@ import json
 import os
 import threading
 
-from checkpoint import CheckpointError, load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint
+from core.errors import FolderError, WriteError
 
 LATEST, BEST, LOG, ARGS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "log.jsonl", "args.json"
 TRAIN_LOG, TEXT_LOG, PLOT = "train.jsonl", "train.log", "training.png"  # per logging interval; console; plot
 EVENTS = "events.out.tfevents.*"
 LOCK = ".lock"
 TEMPORARY = ".tmp-*"  # checkpoint.save_checkpoint's temporary files
-
-
-class FolderError(Exception):
-    """The run folder cannot be used (in use, holds another run, not writable); exit status 2."""
-
-
-class WriteError(Exception):
-    """A write failed mid-run (no space, I/O error, permission); exit status 4."""
-
-    def __init__(self, path, error, hint=""):
-        super().__init__(path, error)
-        self.path, self.error, self.hint = path, error, hint
-
-    def __str__(self):
-        reason = self.error.strerror or str(self.error) or type(self.error).__name__
-        return f"cannot write {self.path}: {reason}" + (f"; {self.hint}" if self.hint else "")
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """Round 3 of the Fashion-MNIST study: is the static network's win the per-input choice or the shared BN?
 
-    python scripts/study_round3.py --lane A      # tier 0, the low-bit beta pilot, tier 1
-    python scripts/study_round3.py --lane B      # the marked backbone, the paper-option pilot, tiers 3 and 2
-    python scripts/study_round3.py --analyse-only
+    python study/round3.py --lane A      # tier 0, the low-bit beta pilot, tier 1
+    python study/round3.py --lane B      # the marked backbone, the paper-option pilot, tiers 3 and 2
+    python study/round3.py --analyse-only
 
 The plan, committed before the first run, is OUT/PLAN.md. Every run goes through the real scripts
-(train_*.py, search_policy.py, eval.py). The two lanes may run at once (one thread each); both write
+(train_*.py, study/search_policy.py, eval.py). The two lanes may run at once (one thread each); both write
 OUT/results.json, under a lock, one record per finished run: the single source of every number.
 After each run its weights-only checkpoint goes to OUT/checkpoints/ and its training log to
 OUT/logs/, so the study resumes where it stopped (finished runs are skipped).
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runfolder  # noqa: E402
+from core import runfolder  # noqa: E402
 
 R1 = "results/fashion-mnist"
 R2 = "results/fashion-mnist-dynamic"
@@ -159,7 +159,7 @@ class Study:
         t = time.time()
         self.sh(cmd, f"{name}.log")
         wall = time.time() - t
-        from checkpoint import export_weights
+        from core.checkpoint import export_weights
         export_weights(os.path.join(folder, runfolder.BEST), os.path.join(ROOT, self.checkpoint(name)))
         logs = os.path.join(self.out, "logs", name)
         os.makedirs(logs, exist_ok=True)
@@ -216,7 +216,7 @@ class Study:
         target = records[f["match"]]["val"]["computation_percentage"]
         policy = os.path.relpath(os.path.join(self.out, "policies", f"{name}.json"), ROOT)
         cache = os.path.relpath(os.path.join(self.out, "policies", f"cache_{os.path.basename(parent)[:-4]}.json"), ROOT)
-        cmd = [sys.executable, "search_policy.py", parent, "--target", f"{target}", "--window", str(WINDOW[f["options"]]),
+        cmd = [sys.executable, "study/search_policy.py", parent, "--target", f"{target}", "--window", str(WINDOW[f["options"]]),
                "--out", policy, "--device", "cpu", "--cache", cache]
         t = time.time()
         with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
@@ -278,7 +278,7 @@ def halves(checkpoint):
     """Accuracy and computation percentage on the marked (easy) and unmarked (hard) test halves."""
     import torch
     import data
-    from evaluation import evaluate, load_model
+    from core.evaluation import evaluate, load_model
     model, _ = load_model(os.path.join(ROOT, checkpoint), "cpu")
     batches = data.test_batches("fashion-mnist-marked", os.path.join(ROOT, "data"), 128)
     stats = evaluate(model, batches, per_image=True)
@@ -308,10 +308,10 @@ def main():
     if args.lane and not args.analyse_only:
         study.go(args.lane)
     try:
-        import study_round3_analysis
+        from study import round3_analysis
     except ImportError:  # the lanes may run from a commit that precedes the analysis
-        return print("no study_round3_analysis here: run --analyse-only from a checkout that has it")
-    study_round3_analysis.write(study.records(), args.out)
+        return print("no study/round3_analysis.py here: run --analyse-only from a checkout that has it")
+    round3_analysis.write(study.records(), args.out)
 
 
 if __name__ == "__main__":

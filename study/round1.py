@@ -1,6 +1,6 @@
 """The Fashion-MNIST study: DFS vs SkipNet-style skipping vs static quantization (README "Results").
 
-    python scripts/study.py [--runs runs/study] [--out results/fashion-mnist]
+    python study/round1.py [--runs runs/study] [--out results/fashion-mnist]
 
 Trains, through the real stage scripts, one ResNet-20 backbone, a stage-2 gate for each option
 set and a stage-3 run for each (method, target, seed) below, then evaluates every model_best on
@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runfolder  # noqa: E402
+from core import runfolder  # noqa: E402
 
 DEPTH, SEED = 20, 0
 COMMON = ["--dataset", "fashion-mnist", "--val-size", "5000", "--batch-size", "128", "--print-freq", "50"]
@@ -101,7 +101,7 @@ def train_all(runs):
 
 def release_and_evaluate(done, wall, out):
     """Weights-only checkpoints, their test-set evaluation, results.json and the plots."""
-    from checkpoint import export_weights
+    from core.checkpoint import export_weights
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     records = []
     for name, (run, fields) in done.items():
@@ -128,7 +128,7 @@ def release_and_evaluate(done, wall, out):
 
 def draw(records, out):
     """The two plots of the round from its records."""
-    import plots
+    from core import plots
     plot_methods(records, os.path.join(out, "accuracy_vs_computation.png"))
     dfs = sorted((r for r in records if r["method"].startswith("dfs") and r["seed"] == SEED),
                  key=lambda r: (r["method"], r["target"]))

@@ -1,0 +1,17 @@
+"""The machinery behind the entry points at the repository root (train_*.py, eval.py, hubconf.py).
+
+    settings     the three stages' command line: the authors' flags and ours, validation, what defines a run
+    engine       the training engine the stage scripts share: data, model, resume, the loop, checkpoints, logs
+    evaluation   accuracy, computation percentage and decisions of a model; a model rebuilt from a checkpoint
+    runfolder    run folders: one run per folder, one writer at a time, write failures in one line
+    checkpoint   checkpoints written atomically and read with weights_only=True
+    authors      the authors' released checkpoints (Torment123/DFS) read into this project's format
+    distributed  several processes under torchrun: the process group, DDP and the reductions
+    int8         int8 execution of the 8-bit option on CPU (eval.py --int8)
+    timing       wall-clock timing, round-robin medians (eval.py --time, benchmarks/)
+    plots        accuracy against computation, per-block decisions, a run's training curves
+    errors       the error hierarchy (DFSError) and the exit status of each error
+    intervals    the Wilson interval of an accuracy on a test set (tables, plots, model zoo)
+
+Nothing here imports the entry points or study/.
+"""

@@ -93,6 +93,7 @@ def comparison(runs, pairs, title, family_title):
 def controls(runs, names, title):
     rows = [f"### {title}", "", "| run | DFS top-1 | control | top-1 | DFS - control | McNemar p | cost difference (pt) |",
             "|---|---:|---|---:|---:|---:|---:|"]
+    by_group = {}
     for name in names:
         r = runs.get(name)
         if not r or "test" not in r:
@@ -104,6 +105,16 @@ def controls(runs, names, title):
             diff, p = paired(r["test"], ctl)
             rows.append(f"| {name} | {r['test']['accuracy']:.2f} | {c} | {ctl['accuracy']:.2f} | {diff:+.2f} | {fmt_p(p)} | "
                         f"{ctl['cost_difference']:+.3f} |")
+            group = name.rsplit("_s", 1)[0]  # the run without its seed
+            by_group.setdefault((group, c), []).append((diff, ctl["cost_difference"]))
+    rows += ["", "Over the seeds (descriptive):", "",
+             "| runs | control | seeds' DFS - control | mean [95 % t-interval] | cost differences (pt) |",
+             "|---|---|---|---|---|"]
+    for (group, c), values in by_group.items():
+        diffs = [d for d, _ in values]
+        rows.append(f"| {group} | {c} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                    f"{fmt_iv(significance.t_interval(diffs)) if len(diffs) > 1 else '-'} | "
+                    f"{', '.join(f'{x:+.3f}' for _, x in values)} |")
     return rows
 
 

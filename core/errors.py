@@ -23,22 +23,18 @@ class DFSError(Exception):
 
 class UserError(DFSError):
     """A problem with the user's input, reported in one line with exit status 2."""
-    status = 2
 
 
 class CheckpointError(DFSError):
     """A checkpoint that is missing, unreadable or not what was expected; one line for the user."""
-    status = 2
 
 
 class DatasetError(DFSError):
     """A dataset that cannot be found or read; its message is one line for the user."""
-    status = 2
 
 
 class FolderError(DFSError):
     """The run folder cannot be used (in use, holds another run, not writable); exit status 2."""
-    status = 2
 
 
 class TrainingError(DFSError):

@@ -4,7 +4,8 @@
 
 Released: results/fashion-mnist/checkpoints/*.pth (round 1, study/round1.py) and
 results/fashion-mnist-dynamic/checkpoints/*.pth (round 2, study/round2.py, and its
-amendment 2, --amendment). The numbers come from results.json and amendment.json; the network,
+amendment 2, --amendment) and results/fashion-mnist-round3/checkpoints/*.pth (round 3, study/round3.py).
+The numbers come from each round's results.json and round 2's amendment.json; the network,
 options and data set from each file; measured time from docs/measured-time-*.json. Each test top-1
 comes with its 95 % Wilson score interval on the number of test images (study/significance.py).
 hubconf.py reads docs/model_zoo.json: one torch.hub entry point per row, named `hub`.
@@ -22,7 +23,7 @@ from core.checkpoint import load_checkpoint  # noqa: E402
 from models.cost import option_names  # noqa: E402
 from core.intervals import accuracy_interval  # noqa: E402
 
-ROUND1, ROUND2 = "results/fashion-mnist", "results/fashion-mnist-dynamic"
+ROUND1, ROUND2, ROUND3 = "results/fashion-mnist", "results/fashion-mnist-dynamic", "results/fashion-mnist-round3"
 TIMES = {"fp32": ["docs/measured-time-fashion-mnist.json", "docs/measured-time-fashion-mnist-dynamic.json"],
          "int8": ["docs/measured-time-fashion-mnist-int8.json"]}
 MARKDOWN, JSON = "docs/model_zoo.md", "docs/model_zoo.json"
@@ -35,7 +36,7 @@ def read(path):
 
 def released():
     """The released checkpoint files, relative to the repository, sorted."""
-    return sorted(f"{folder}/checkpoints/{name}" for folder in (ROUND1, ROUND2)
+    return sorted(f"{folder}/checkpoints/{name}" for folder in (ROUND1, ROUND2, ROUND3)
                   for name in os.listdir(os.path.join(ROOT, folder, "checkpoints")) if name.endswith(".pth"))
 
 
@@ -79,7 +80,7 @@ def records():
                          target=r["target"], policy=None, match=None, record_options=r["options"],
                          test=test_figures(r["accuracy"], r["num_test_images"], r["computation_percentage"],
                                            r["bitops_percentage"]),
-                         made_by="python study/round1.py", code_commit=None))
+                         made_by="python study/round1.py", code_commit=None, also=[]))
     runs = [(name, r, "round 2") for name, r in read(f"{ROUND2}/results.json")["runs"].items()]
     runs += [(name, r, "round 2, amendment 2") for name, r in read(f"{ROUND2}/amendment.json").items()]
     for name, r, study in runs:
@@ -92,7 +93,7 @@ def records():
                    record_options=t["option_names"] if t else None,
                    made_by=("python study/round2.py --amendment" if study.endswith("amendment 2") else
                             f"python study/round2.py --tiers {r['tier']}"),
-                   code_commit=r.get("code_commit"))
+                   code_commit=r.get("code_commit"), also=[])
         if t:
             row["test"] = test_figures(t["accuracy"], t["num_samples"], t["computation_percentage"],
                                        t["bitops_percentage"])
@@ -101,8 +102,55 @@ def records():
             row["val"] = {"top1": v["acc"], "images": v["num_samples"],
                           "computation_percentage": round(v["computation_percentage"], 4)}
         rows.append(row)
-    order = {"round 1": 0, "round 2": 1, "round 2, amendment 2": 2}
+    rows += round3_records()
+    order = {"round 1": 0, "round 2": 1, "round 2, amendment 2": 2, "round 3": 3}
     return sorted(rows, key=lambda r: (order[r["study"]], r["name"]))
+
+
+ROUND3_OPTIONS = {"skip,2,3,4": "lowbit", "paper": "paper"}
+
+
+def round3_method(r):
+    if r["kind"] == "base":
+        return "backbone"
+    if r["kind"] == "static":
+        return "static-counterpart"
+    bn = ", per-option BN" if r.get("bn") == "per-option" else ""
+    if r["kind"] == "gate":
+        return f"gate (stage 2){bn}"
+    pilot = f", beta pilot {r['beta']}" if r["name"].startswith("pilot_") else ""
+    return f"dfs-{ROUND3_OPTIONS[r['options']]}{bn}{pilot}"
+
+
+def round3_records():
+    """Round 3's rows: one per file in its checkpoints folder. A run recorded on another run's file (the
+    pilot chosen for a budget, a static policy already trained) is named in that file's `also`."""
+    rows, also = [], {}
+    for name, r in read(f"{ROUND3}/results.json")["runs"].items():
+        file = r.get("checkpoint") or (r.get("test") or {}).get("checkpoint")
+        if r.get("kind") not in ("base", "gate", "dfs", "static") or not file or not file.startswith(ROUND3 + "/"):
+            continue  # re-evaluations of round 2's files, counterparts trained in round 2
+        if os.path.basename(file) != f"{name}.pth":
+            also.setdefault(file, []).append(name)
+            continue
+        t = r.get("test")
+        row = dict(name=name, file=file, study="round 3", method=round3_method(r), seed=r["seed"],
+                   target=r.get("target"), policy=r.get("policy"), match=r.get("match"),
+                   record_options=t["option_names"] if t else None,
+                   made_by=f"python study/round3.py --lane {r['lane']}", code_commit=r.get("code_commit"))
+        if t:
+            row["test"] = test_figures(t["accuracy"], t["num_samples"], t["computation_percentage"],
+                                       t["bitops_percentage"])
+        else:
+            v = r["val"]
+            row["val"] = {"top1": v["acc"], "images": v["num_samples"],
+                          "computation_percentage": round(v["computation_percentage"], 4)}
+        rows.append(row)
+    for row in rows:
+        row["also"] = sorted(also.pop(row["file"], []))
+    if also:
+        raise ValueError(f"round 3 records name files that no run of that name made: {', '.join(sorted(also))}")
+    return rows
 
 
 def build():
@@ -142,6 +190,10 @@ def what(r):
     return r["method"]
 
 
+def what_and_also(r):
+    return what(r) + (f"; also recorded as {', '.join(r['also'])}" if r["also"] else "")
+
+
 def markdown(rows):
     lines = [HEADER,
              "| entry point (file) | data set | network | options | method: target or policy "
@@ -158,7 +210,7 @@ def markdown(rows):
         measured = f"{fp32['batch_128']:.1f} / {fp32['batch_1']:.1f}" if fp32 else "-"
         made_by = f"`{r['made_by'].removeprefix('python ')}`"
         lines.append(f"| [`{r['hub']}`](../{r['file']}) | {r['dataset']} | {r['arch']} | {short(r['options'])} | "
-                     f"{what(r)} | {top1} | {cp} | {measured} | {r['size_bytes']} | `{r['sha256'][:12]}` | {made_by} |")
+                     f"{what_and_also(r)} | {top1} | {cp} | {measured} | {r['size_bytes']} | `{r['sha256'][:12]}` | {made_by} |")
     return "\n".join(lines) + "\n\n" + FOOTER.format(count=len(rows))
 
 
@@ -166,12 +218,12 @@ HEADER = """# Model zoo
 
 Every released checkpoint, generated by `python study/model_zoo.py` from the studies' records
 ([round 1](../results/fashion-mnist/results.json), [round 2](../results/fashion-mnist-dynamic/results.json)
-and its [amendment 2](../results/fashion-mnist-dynamic/amendment.json)), the
+and its [amendment 2](../results/fashion-mnist-dynamic/amendment.json), [round 3](../results/fashion-mnist-round3/results.json)), the
 [measured times](benchmarks.md#measured-time-of-the-released-checkpoints-evalpy---time-benchmarkslatency_tablepy)
 and the files themselves; `tests/test_model_zoo.py` checks that this page is what the script writes
 and that each file's size and sha256 are the ones below (all of them in [model_zoo.json](model_zoo.json)).
-The write-ups: [round 1](../results/fashion-mnist/README.md), [round 2](../results/fashion-mnist-dynamic/README.md);
-round 3's checkpoints are not released yet. Back to the [README](../README.md).
+The write-ups: [round 1](../results/fashion-mnist/README.md), [round 2](../results/fashion-mnist-dynamic/README.md),
+[round 3](../results/fashion-mnist-round3/README.md). Back to the [README](../README.md).
 
 Each one loads with `eval.py` (it reads the network and its options from the file), or through
 torch.hub by its entry point (the file name with `.` and `-` turned into `_`):
@@ -198,8 +250,13 @@ net = torch.hub.load("path/to/this/repository", "dfs_resnet38", source="local", 
   run's (`plan()` in `study/round2.py`, the key in its results.json), `--tiers` its tier in
   [PLAN.md](../results/fashion-mnist-dynamic/PLAN.md), and the record holds the commit of the code
   (`code_commit` in the JSON). The commands are spelled as in this checkout: at the commits that
-  made these files the study scripts were `scripts/study.py` (now `study/round1.py`) and
-  `scripts/study_dynamic.py` (now `study/round2.py`).
+  made these files the study scripts were `scripts/study.py` (now `study/round1.py`),
+  `scripts/study_dynamic.py` (now `study/round2.py`) and `scripts/study_round3.py` (now `study/round3.py`).
+  In round 3, `--lane` is the lane of [its plan](../results/fashion-mnist-round3/PLAN.md) that ran it.
+- **also recorded as** (round 3): a run that reused another run's network, e.g. the β pilot the plan's
+  rule selected for a budget, or a static policy the search had already returned, names that file.
+- **per-option BN**: a departure flag ([departures](departures.md)); such a file loads with its own
+  batch norms through `eval.py` and torch.hub alike (the flag is in the file's model config).
 - **dfs_paper_cp{0.5,0.8,1.2}_sN**: for each seed, the three budgets trained the same weights (their
   files differ only in the training arguments they record; [round 2](../results/fashion-mnist-dynamic/README.md)).
 """

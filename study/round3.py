@@ -137,7 +137,7 @@ class Study:
             os.replace(tmp, self.records_path)
 
     def sh(self, cmd, log):
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env = one_thread_env()
         with open(os.path.join(self.runs, log), "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
@@ -221,7 +221,7 @@ class Study:
         t = time.time()
         with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
             result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True,
-                                    env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+                                    env=one_thread_env())
         if result.returncode != 0:  # no static policy in the window: recorded, not fatal
             return dict(base, match=f["match"], failed=result.stderr.strip())
         with open(os.path.join(ROOT, policy)) as fh:
@@ -245,7 +245,7 @@ class Study:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             record = self.run(name, kind, fields, records)
             self.save(name, dict(record, tier=tier, lane=lane, code_commit=code_commit(),
-                                 torch_threads=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                                 torch_threads=int(one_thread_env()["OMP_NUM_THREADS"]),
                                  finished=time.strftime("%Y-%m-%d %H:%M:%S")))
             print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
 
@@ -290,6 +290,11 @@ def halves(checkpoint):
     return {half: {"accuracy": 100 * stats["correct"][m].float().mean().item(), "images": int(m.sum()),
                    "computation_percentage": cost[m].mean().item()}
             for half, m in (("marked", marked), ("unmarked", ~marked))}
+
+
+def one_thread_env():
+    """The environment of every command: one torch thread unless OMP_NUM_THREADS says otherwise."""
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def code_commit():

@@ -165,3 +165,40 @@ def test_a_round_2_checkpoint_reproduces_its_record(name, tmp_path):
     got = json.loads(out.read_text())
     assert_reproduces(got, record)
     assert got.get("policy") == record.get("policy")
+
+
+ROUND3 = os.path.join(ROOT, "results", "fashion-mnist-round3")
+
+
+def round3_records():
+    with open(os.path.join(ROUND3, "results.json")) as f:
+        return json.load(f)["runs"]
+
+
+def test_round_3_records_name_files_of_the_repository_and_results_md_is_generated_from_them(tmp_path):
+    """Every file a round-3 record names is a path relative to the repository that exists (the records
+    once held absolute paths of the machine that ran them); results.md is what the analysis writes."""
+    from study import round3_analysis
+    runs = round3_records()
+    named = 0
+    for name, r in runs.items():
+        for path in (r.get("checkpoint"), (r.get("test") or {}).get("checkpoint"), (r.get("search") or {}).get("checkpoint")):
+            if path is not None:
+                assert not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)), (name, path)
+                named += 1
+    assert named >= len(runs)
+    round3_analysis.write(runs, str(tmp_path))
+    with open(os.path.join(ROUND3, "results.md")) as f:
+        assert (tmp_path / "results.md").read_text() == f.read(), "results.md is stale: python study/round3.py --analyse-only"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
+@pytest.mark.parametrize("name", ["dfs_po_lowbit_cp1.2_s0", "dfs_po_marked_cp3.0_s0"])
+def test_a_round_3_checkpoint_reproduces_its_record(name, tmp_path):
+    """Per-option BN (rebuilt from the file's model config) and the marked data set re-evaluate too."""
+    record = round3_records()[name]["test"]
+    out = tmp_path / "r.json"
+    assert eval_cli.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu", "--dataset", record["dataset"],
+                          "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
+    assert_reproduces(json.loads(out.read_text()), record)

@@ -194,7 +194,7 @@ def test_round_3_records_name_files_of_the_repository_and_results_md_is_generate
 
 @pytest.mark.slow
 @pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
-@pytest.mark.parametrize("name", ["dfs_po_lowbit_cp1.2_s0", "dfs_po_marked_cp3.0_s0"])
+@pytest.mark.parametrize("name", ["dfs_po_paper_cp3.0_s0", "dfs_po_marked_cp3.0_s0"])
 def test_a_round_3_checkpoint_reproduces_its_record(name, tmp_path):
     """Per-option BN (rebuilt from the file's model config) and the marked data set re-evaluate too."""
     record = round3_records()[name]["test"]

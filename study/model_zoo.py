@@ -71,6 +71,20 @@ def test_figures(accuracy, n, cp, bitops):
             "bitops_percentage": round(bitops, 4)}
 
 
+def add_figures(row, record):
+    """The row with its test figures from a round-2/3 record, or, for a stage-2 gate (released as the
+    start of stage 3, evaluated on the validation split only), its validation figures."""
+    t = record.get("test")
+    if t:
+        row["test"] = test_figures(t["accuracy"], t["num_samples"], t["computation_percentage"],
+                                   t["bitops_percentage"])
+    else:
+        v = record["val"]
+        row["val"] = {"top1": v["acc"], "images": v["num_samples"],
+                      "computation_percentage": round(v["computation_percentage"], 4)}
+    return row
+
+
 def records():
     """One dict per released run from the records: name, study, method, seed, target, policy,
     match, test (or val for a gate), made_by, code_commit; by study, then name."""
@@ -94,14 +108,7 @@ def records():
                    made_by=("python study/round2.py --amendment" if study.endswith("amendment 2") else
                             f"python study/round2.py --tiers {r['tier']}"),
                    code_commit=r.get("code_commit"), also=[])
-        if t:
-            row["test"] = test_figures(t["accuracy"], t["num_samples"], t["computation_percentage"],
-                                       t["bitops_percentage"])
-        else:  # a stage-2 gate: released as the start of stage 3, evaluated on the validation split only
-            v = r["val"]
-            row["val"] = {"top1": v["acc"], "images": v["num_samples"],
-                          "computation_percentage": round(v["computation_percentage"], 4)}
-        rows.append(row)
+        rows.append(add_figures(row, r))
     rows += round3_records()
     order = {"round 1": 0, "round 2": 1, "round 2, amendment 2": 2, "round 3": 3}
     return sorted(rows, key=lambda r: (order[r["study"]], r["name"]))
@@ -138,14 +145,7 @@ def round3_records():
                    target=r.get("target"), policy=r.get("policy"), match=r.get("match"),
                    record_options=t["option_names"] if t else None,
                    made_by=f"python study/round3.py --lane {r['lane']}", code_commit=r.get("code_commit"))
-        if t:
-            row["test"] = test_figures(t["accuracy"], t["num_samples"], t["computation_percentage"],
-                                       t["bitops_percentage"])
-        else:
-            v = r["val"]
-            row["val"] = {"top1": v["acc"], "images": v["num_samples"],
-                          "computation_percentage": round(v["computation_percentage"], 4)}
-        rows.append(row)
+        rows.append(add_figures(row, r))
     for row in rows:
         row["also"] = sorted(also.pop(row["file"], []))
     if also:

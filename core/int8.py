@@ -20,6 +20,7 @@ Whether it is faster depends on the CPU (int8 dot-product units: VNNI, AMX); doc
 has the measurements. The prepared weights follow the conv's weight and range buffers (keyed on
 their version counters, like QConv2d's weight cache).
 """
+import functools
 import os
 import shutil
 
@@ -48,9 +49,13 @@ def combine(out, border, offset):
     return out.contiguous(memory_format=torch.channels_last)
 
 
-# Each of the two is five (two) passes over memory in eager mode, which costs more than the int8
-# conv itself; torch.compile (Inductor, a C++ compiler) fuses each into one. Compiled on first call.
-FUSED = {"codes": torch.compile(codes, dynamic=True), "combine": torch.compile(combine, dynamic=True)}
+@functools.cache
+def fused_step(name):
+    """codes or combine through torch.compile. Each is five (two) passes over memory in eager mode,
+    which costs more than the int8 conv itself; Inductor (a C++ compiler) fuses each into one.
+    Wrapped on first request, not at import: torch.compile imports torch._dynamo, about 2 s that
+    eval.py would otherwise pay without --int8; compiled on first call."""
+    return torch.compile({"codes": codes, "combine": combine}[name], dynamic=True)
 
 
 def can_compile():
@@ -80,7 +85,7 @@ class Int8Conv:
             raise ValueError("--int8 computes round-to-nearest codes, not the dithered activation rounding "
                              "this model uses")
         self.conv, self.key, self.border = conv, None, {}
-        self.codes, self.combine = (FUSED["codes"], FUSED["combine"]) if fused else (codes, combine)
+        self.codes, self.combine = (fused_step("codes"), fused_step("combine")) if fused else (codes, combine)
 
     def _prepare(self):
         conv = self.conv
@@ -129,7 +134,7 @@ def enable(model, fused=False):
     The model is moved to channels_last (its inputs too, by a forward pre-hook), the int8 conv's
     memory format, so that no layer converts between formats; on CPUs this also speeds up the
     fp32 layers, so compare against a channels_last plain network as well (timing.py does).
-    fused: the elementwise steps through torch.compile (see FUSED; needs a C++ compiler)."""
+    fused: the elementwise steps through torch.compile (see fused_step; needs a C++ compiler)."""
     reason = next(filter(None, (unavailable(p.device) for p in model.parameters())), None)
     if reason:
         raise RuntimeError(reason)

@@ -155,7 +155,7 @@ def test_the_fused_steps_give_the_same_codes_and_results():
     x[0, 0, 0, :6] = lo + scale * torch.tensor([0.5, 1.5, 2.5, 254.5, 255.5, 300.0])  # ties and beyond
     reference = ((fake_quantize(x, 8, lo, hi) - lo) / scale).round()
     for xs in (x, x.contiguous(memory_format=torch.channels_last), x[:3]):
-        fused = int8.FUSED["codes"](xs, lo, scale)
+        fused = int8.fused_step("codes")(xs, lo, scale)
         assert torch.equal(fused, int8.codes(xs, lo, scale))
         assert fused.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(fused.float(), reference[:len(xs)])

@@ -215,14 +215,7 @@ class Run:
 
     def restore(self, ckpt):
         """Continue a run of this stage from its checkpoint; UserError if it cannot be done exactly."""
-        where = self.args.resume
-        missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
-        if missing:
-            raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
-        saved, now = ckpt.get("world_size", 1), distributed.world_size()
-        if saved != now:  # batch norm works per process: its batches would change
-            raise UserError(f"{where} was trained by {saved} process(es); continue it with {saved}, "
-                            f"not {now} (torchrun --nproc_per_node/--nnodes)")
+        where, now = self.args.resume, check_continuable(ckpt, self.args.resume)
         try:
             self.train_batches.load_state_dict(ckpt["data_state"])
         except ValueError as e:
@@ -245,6 +238,18 @@ class Run:
                 with runfolder.writing(path):
                     save_checkpoint(ckpt, path)
         distributed.barrier()  # no process goes on (or exits) before the checkpoint is on disk
+
+
+def check_continuable(ckpt, where):
+    """UserError unless the checkpoint holds a run's state and this many processes; the world size."""
+    missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
+    saved, now = ckpt.get("world_size", 1), distributed.world_size()
+    if saved != now:  # batch norm works per process: its batches would change
+        raise UserError(f"{where} was trained by {saved} process(es); continue it with {saved}, "
+                        f"not {now} (torchrun --nproc_per_node/--nnodes)")
+    return now
 
 
 def log_eval(run, stats, split, writer):
@@ -410,6 +415,12 @@ def run_stage(stage, args, given=frozenset()):
         if ckpt is None:
             raise UserError("test needs --resume CHECKPOINT")
         return report_test(model, args, share)
+    if continuing and ckpt.get("step", 0) >= args.iters:  # finished: said before data and optimizer are built
+        check_continuable(ckpt, args.resume)
+        if main_process:
+            runfolder.refuse_if_in_use(os.path.join(args.save_folder, args.arch))  # reads the lock; writes nothing
+            print(f"{args.resume} already finished {ckpt['step']} of --iters {args.iters} iterations; nothing to do")
+        return 0
     try:
         train_batches, eval_batches, _ = data.build_batches(
             args.dataset, args.data_dir, args.batch_size, val_size=args.val_size,
@@ -429,11 +440,6 @@ def run_stage(stage, args, given=frozenset()):
     run = Run(stage, args, model, optimizer, train_batches, os.path.join(args.save_folder, args.arch), config)
     if continuing:
         run.restore(ckpt)
-        if run.step >= args.iters:
-            if main_process:
-                runfolder.refuse_if_in_use(run.folder)  # reads the lock; writes nothing
-                print(f"{args.resume} already finished {run.step} of --iters {args.iters} iterations; nothing to do")
-            return 0
     split, loss_fn = "val" if args.val_size else "test", stage.make_loss(args)
     if not main_process:  # only process 0 holds the folder, writes and prints
         return train(run, loss_fn, eval_batches, split, None)

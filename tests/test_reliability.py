@@ -208,6 +208,20 @@ def test_resuming_a_finished_run_is_a_clean_no_op(stage, start, reference, capsy
     assert snapshot(ref_save) == before  # same files, bytes and modification times
 
 
+def test_a_finished_run_without_its_state_is_refused_not_skipped(start, reference, tmp_path, capsys):
+    """'Nothing to do' is said before the data and optimizer are built, but still after checking
+    that the file holds a run: here a finished checkpoint without its optimizer state."""
+    ref_save, _ = reference("base")
+    ckpt = load(latest(ref_save, "base"))
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "weights.pth.tar")
+    capsys.readouterr()
+    rc, steps = train("base", tmp_path / "save", start["base"] + ["--resume", tmp_path / "weights.pth.tar"], iters=N)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and steps == [] and len(err) == 1, err
+    assert err[0] == f"error: {tmp_path / 'weights.pth.tar'} lacks optimizer, so it cannot continue a run"
+
+
 # ----------------------------------------------------------------------------- 2. atomic checkpoints
 
 class SimulatedCrash(Exception):

@@ -2,6 +2,7 @@
 the stage scripts' folders and Python, and one-line errors where a user would otherwise get a traceback."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -66,30 +67,40 @@ def test_a_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, capsys
     assert "weights_only" not in err[0]
 
 
-@pytest.mark.slow
-def test_the_authors_readme_commands_under_their_script_names(tmp_path):
+def run_script(script, argv, cwd, monkeypatch):
+    """`python SCRIPT ARGV` run from `cwd`, in this process (runpy runs the file as __main__, as
+    python does); its exit status. In-process saves a torch import per command."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return e.value.code
+
+
+def test_the_authors_readme_commands_under_their_script_names(tmp_path, monkeypatch, capsys):
     """Their three commands, with their script names (and the run folder their code really saves to)."""
-    py = sys.executable
+    from helpers import small_synthetic
     short = ["--dataset", "synthetic", "--iters", "2", "--batch-size", "8", "--eval-every", "2", "--device", "cpu"]
-    env = {"PYTHONPATH": ROOT}
-    for script, args in [
-        ("train_base.py", ["train", "cifar10_resnet_38", "--dataset", "cifar10", "--save-folder", "save_checkpoints/backbone"]),
-        ("train_sp_integrate_dynamic_quantization_initial.py",
-         ["train", "cifar10_rnn_gate_38", "--minimum", "100", "--lr", "0.01", "--resume",
-          "save_checkpoints/backbone/cifar10_resnet_38/model_best.pth.tar", "--iters", "2000",
-          "--save-folder", "save_checkpoints/full_execution"]),
-        ("train_sp_integrate_dynamic_quantization.py",
-         ["train", "cifar10_rnn_gate_38", "--minimum", "50", "--lr", "0.01", "--resume",
-          "save_checkpoints/full_execution/cifar10_rnn_gate_38/checkpoint_latest.pth.tar",
-          "--save-folder", "save_checkpoints/DFS"]),
-    ]:
-        r = run([py, os.path.join(ROOT, script), *args, *short], env=env, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-    ckpt = torch.load(tmp_path / "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar", weights_only=True)
-    assert ckpt["stage"] == "dfs" and ckpt["step"] == 2 and ckpt["arch"] == "dfs_resnet38" and len(ckpt["options"]) == 7
-    test = run([py, os.path.join(ROOT, "train_sp_integrate_dynamic_quantization.py"), "test", "cifar10_rnn_gate_38",
-                "--dataset", "synthetic", "--device", "cpu", "--resume",
-                "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar"], env=env, cwd=tmp_path).stdout
+    with small_synthetic(32, 16):
+        for script, args in [
+            ("train_base.py", ["train", "cifar10_resnet_38", "--dataset", "cifar10", "--save-folder", "save_checkpoints/backbone"]),
+            ("train_sp_integrate_dynamic_quantization_initial.py",
+             ["train", "cifar10_rnn_gate_38", "--minimum", "100", "--lr", "0.01", "--resume",
+              "save_checkpoints/backbone/cifar10_resnet_38/model_best.pth.tar", "--iters", "2000",
+              "--save-folder", "save_checkpoints/full_execution"]),
+            ("train_sp_integrate_dynamic_quantization.py",
+             ["train", "cifar10_rnn_gate_38", "--minimum", "50", "--lr", "0.01", "--resume",
+              "save_checkpoints/full_execution/cifar10_rnn_gate_38/checkpoint_latest.pth.tar",
+              "--save-folder", "save_checkpoints/DFS"]),
+        ]:
+            assert run_script(script, [*args, *short], tmp_path, monkeypatch) == 0, capsys.readouterr().err
+        ckpt = torch.load(tmp_path / "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar", weights_only=True)
+        assert ckpt["stage"] == "dfs" and ckpt["step"] == 2 and ckpt["arch"] == "dfs_resnet38" and len(ckpt["options"]) == 7
+        capsys.readouterr()
+        assert run_script("train_sp_integrate_dynamic_quantization.py", [
+            "test", "cifar10_rnn_gate_38", "--dataset", "synthetic", "--device", "cpu", "--resume",
+            "save_checkpoints/DFS/cifar10_rnn_gate_38/model_best.pth.tar"], tmp_path, monkeypatch) == 0
+    test = capsys.readouterr().out
     assert "computation percentage" in test and "   18 " in test  # gated blocks 2..18 of ResNet-38
 
 

@@ -26,7 +26,7 @@ def fp32_exact():
 # order, the two longest files came last and one worker idled for about 40 s). Only the order of
 # files changes; within a file, and among the other files, it stays as collected.
 LONGEST_FIRST = ("test_results.py", "test_gpu_check.py", "test_reliability.py", "test_pipeline.py",
-                 "test_distributed.py", "test_cli.py", "test_static.py", "test_model_zoo.py", "test_norms.py")
+                 "test_distributed.py", "test_model_zoo.py", "test_static.py", "test_norms.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -215,14 +215,15 @@ class Run:
 
     def restore(self, ckpt):
         """Continue a run of this stage from its checkpoint; UserError if it cannot be done exactly."""
-        where, now = self.args.resume, check_continuable(ckpt, self.args.resume)
+        where = self.args.resume
+        check_continuable(ckpt, where)
         try:
             self.train_batches.load_state_dict(ckpt["data_state"])
         except ValueError as e:
             raise UserError(f"{where} does not fit this data ({e}): was --batch-size or --val-size changed?")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.best_acc = ckpt["step"], ckpt["best_acc"]
-        set_rng_state(ckpt["rng_by_rank"][distributed.rank()] if now > 1 else ckpt["rng"])
+        set_rng_state(ckpt["rng_by_rank"][distributed.rank()] if distributed.world_size() > 1 else ckpt["rng"])
 
     def save(self, best=False):
         """Write model_best when `best`, then checkpoint_latest; WriteError names a file that failed.
@@ -241,7 +242,7 @@ class Run:
 
 
 def check_continuable(ckpt, where):
-    """UserError unless the checkpoint holds a run's state and this many processes; the world size."""
+    """UserError unless the checkpoint holds a run's state and was trained by this many processes."""
     missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
@@ -249,7 +250,6 @@ def check_continuable(ckpt, where):
     if saved != now:  # batch norm works per process: its batches would change
         raise UserError(f"{where} was trained by {saved} process(es); continue it with {saved}, "
                         f"not {now} (torchrun --nproc_per_node/--nnodes)")
-    return now
 
 
 def log_eval(run, stats, split, writer):

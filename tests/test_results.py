@@ -128,10 +128,15 @@ def test_the_scan_finds_a_module_of_the_repository_in_a_pickle(tmp_path):
 @pytest.mark.parametrize("name", ["dfs_cp20_s0", "skipnet_cp20_s0"])
 def test_a_released_checkpoint_reproduces_its_record(name, tmp_path):
     record = next(r for r in records() if r["name"] == name)
+    assert_reproduces(reevaluate(record["checkpoint"], tmp_path), record)
+
+
+def reevaluate(checkpoint, tmp_path, *flags):
+    """eval.py's JSON record of a released checkpoint (a path relative to the repository) on CPU."""
     out = tmp_path / "r.json"
-    assert eval_cli.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu",
+    assert eval_cli.main([os.path.join(ROOT, checkpoint), "--device", "cpu", *flags,
                           "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
-    assert_reproduces(json.loads(out.read_text()), record)
+    return json.loads(out.read_text())
 
 
 def assert_reproduces(got, record):
@@ -159,10 +164,7 @@ ROUND2 = os.path.join(ROOT, "results", "fashion-mnist-dynamic", "results.json")
 def test_a_round_2_checkpoint_reproduces_its_record(name, tmp_path):
     with open(ROUND2) as f:
         record = json.load(f)["runs"][name]["test"]
-    out = tmp_path / "r.json"
-    assert eval_cli.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu",
-                          "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
-    got = json.loads(out.read_text())
+    got = reevaluate(record["checkpoint"], tmp_path)
     assert_reproduces(got, record)
     assert got.get("policy") == record.get("policy")
 
@@ -198,7 +200,4 @@ def test_round_3_records_name_files_of_the_repository_and_results_md_is_generate
 def test_a_round_3_checkpoint_reproduces_its_record(name, tmp_path):
     """Per-option BN (rebuilt from the file's model config) and the marked data set re-evaluate too."""
     record = round3_records()[name]["test"]
-    out = tmp_path / "r.json"
-    assert eval_cli.main([os.path.join(ROOT, record["checkpoint"]), "--device", "cpu", "--dataset", record["dataset"],
-                          "--data-dir", os.path.join(ROOT, "data"), "--json", str(out)]) == 0
-    assert_reproduces(json.loads(out.read_text()), record)
+    assert_reproduces(reevaluate(record["checkpoint"], tmp_path, "--dataset", record["dataset"]), record)

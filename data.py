@@ -6,6 +6,8 @@ randomness derived only from (seed, epoch). Fashion-MNIST's 28x28 grayscale imag
 by 2 pixels and their channel replicated 3 times, so the CIFAR stem (3->16 conv) is unchanged.
 fashion-mnist-marked is Fashion-MNIST with a seeded half of each split marked with its class (see
 mark): a positive control, in which choosing the computation per input must pay.
+fashion-mnist-marked-random is its negative control: the same frame on the same half, its colour drawn
+at random independently of the label (seeded), so the frame is visible and useless.
 """
 import gzip
 import math
@@ -20,10 +22,11 @@ from core.errors import DatasetError
 _CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 # The authors' code normalised CIFAR-100 and SVHN with the CIFAR-10 constants too; kept as is.
 # fashion-mnist-marked is normalised as fashion-mnist, so an unmarked image is the same network input in both
-MEAN_STD = {"cifar10": _CIFAR, "cifar100": _CIFAR, "svhn": _CIFAR,
-            "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3), "fashion-mnist-marked": ((0.2860,) * 3, (0.3530,) * 3),
-            "synthetic": ((0.5,) * 3, (0.25,) * 3)}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fashion-mnist": 10, "fashion-mnist-marked": 10,
+_FASHION = ((0.2860,) * 3, (0.3530,) * 3)
+MARKED = ("fashion-mnist-marked", "fashion-mnist-marked-random")  # framed on a seeded half (see mark)
+MEAN_STD = {"cifar10": _CIFAR, "cifar100": _CIFAR, "svhn": _CIFAR, "fashion-mnist": _FASHION,
+            **dict.fromkeys(MARKED, _FASHION), "synthetic": ((0.5,) * 3, (0.25,) * 3)}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fashion-mnist": 10, **dict.fromkeys(MARKED, 10),
                "synthetic": 10}
 DATASETS = tuple(NUM_CLASSES)
 SYNTHETIC_SIZES = (512, 256)
@@ -32,6 +35,7 @@ FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 _VAL_SPLIT_SEED = 20190101  # not the run seed: every run and stage must hold out the same samples
 MARK_SEED = 20190202  # fashion-mnist-marked's marked halves: "train" draws from MARK_SEED, "test" from MARK_SEED + 1
+RANDOM_COLOR_SEED = 20261207  # fashion-mnist-marked-random's frame colours: "train" from it, "test" from it + 1
 # fashion-mnist-marked's colour of class c: hue 36c degrees at full saturation and value (HSV)
 MARK_COLORS = torch.tensor([(255, 0, 0), (255, 153, 0), (204, 255, 0), (51, 255, 0), (0, 255, 102),
                             (0, 255, 255), (0, 102, 255), (51, 0, 255), (204, 0, 255), (255, 0, 153)],
@@ -100,7 +104,8 @@ def marked_mask(n, split):
 
 
 def mark(images, labels):
-    """Copies of uint8 [N, 3, 32, 32] images with their 2-pixel border painted MARK_COLORS[label].
+    """Copies of uint8 [N, 3, 32, 32] images with their 2-pixel border painted MARK_COLORS[label]
+    (fashion-mnist-marked-random passes random colour indices as `labels`).
 
     fashion-mnist-marked's marker, which makes a marked image trivially easy. Fashion-MNIST is gray
     (R = G = B) and its 2-pixel border is the zero padding, so the marker hides nothing and is the
@@ -114,6 +119,15 @@ def mark(images, labels):
     ring[2:30, 2:30] = False
     out[..., ring] = MARK_COLORS[labels].unsqueeze(-1)
     return out
+
+
+def random_colors(n, split):
+    """[n] colour indices for fashion-mnist-marked-random's frames: uniform over the ten colours, seeded per
+    split, independent of the labels (drawn without looking at them)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    g = torch.Generator().manual_seed(RANDOM_COLOR_SEED + (split == "test"))
+    return torch.randint(0, len(MARK_COLORS), (n,), generator=g)
 
 
 def _synthetic():
@@ -163,10 +177,11 @@ def load_arrays(name, data_dir, download=False):
         arrays = _synthetic()
     elif name.startswith("fashion-mnist"):
         arrays = _load_fashion(Path(data_dir), download)
-        if name == "fashion-mnist-marked":  # a seeded half of each split marked (see mark)
+        if name in MARKED:  # a seeded half of each split framed (see mark): by class, or at random
             for x, y, split in ((arrays[0], arrays[1], "train"), (arrays[2], arrays[3], "test")):
                 m = marked_mask(len(y), split)
-                x[m] = mark(x[m], y[m])
+                colors = y[m] if name == "fashion-mnist-marked" else random_colors(int(m.sum()), split)
+                x[m] = mark(x[m], colors)
     else:
         arrays = _load_torchvision(name, Path(data_dir), download)
     return check_arrays(name, data_dir, arrays)

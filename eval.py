@@ -25,6 +25,7 @@ from models import build_model
 from models.cost import option_costs
 from study.search_policy import UNITS, knapsack, option_units
 from core.intervals import accuracy_interval
+from core.settings import read_policy
 from study.significance import pack_bits
 
 
@@ -41,8 +42,10 @@ def evaluate_checkpoint(path, args):
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
     batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
                                 device=args.device, rank=distributed.rank(), world_size=distributed.world_size())
+    if args.route_marked is not None:
+        apply_routes(model, path, dataset, args)
     per_image = args.per_image or args.controls or bool(args.recalibrate)
-    stats = evaluate(model, batches, per_image=per_image)
+    stats = evaluate(model, batches, per_image=per_image, marked=dataset in data.MARKED)
     if distributed.is_main():
         print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
     record = {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
@@ -55,6 +58,10 @@ def evaluate_checkpoint(path, args):
         record["int8"] = "fused" if args.int8_fused else "eager"
     if getattr(model, "policy", None) is not None:
         record["policy"] = model.policy_names()
+    if getattr(model, "routes", None) is not None:
+        record["routes"] = model.route_names()
+    if "routing" in stats:
+        record["routing"] = stats["routing"]
     if args.time and hasattr(model, "options"):
         from core.timing import time_against_plain
         x, _ = next(iter(batches))
@@ -76,6 +83,19 @@ def evaluate_checkpoint(path, args):
         record["controls"] = {name: control_record(model, batches, force, name, stats["computation_percentage"])
                               for name, force in controls(stats["choices"], args.control_seed, model).items()}
     return record
+
+
+def apply_routes(model, path, dataset, args):
+    """--route-marked/--route-unmarked: evaluate a gated checkpoint under a fixed per-input routing."""
+    if not hasattr(model, "options"):
+        raise UserError(f"--route-marked: {path} is a plain ResNet; a routing needs a gated network")
+    if dataset not in data.MARKED:
+        raise UserError(f"--route-marked/--route-unmarked route by the frame of {' or '.join(data.MARKED)}, not {dataset}")
+    try:
+        model.routes = model.parse_routes({"marked": read_policy(args.route_marked),
+                                           "unmarked": read_policy(args.route_unmarked)}).to(model.option_costs.device)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
 
 
 def plain_resnet(model):
@@ -213,6 +233,11 @@ def main(argv=None):
                    help="pooled: each BN's mean and variance over every image routed through it in the N "
                         "batches, each image weighted the same; call: each call's batch statistics averaged "
                         "with equal weight, however few images it saw (round 2's posthoc figures)")
+    p.add_argument("--route-marked", metavar="POLICY",
+                   help="with --route-unmarked, on a fashion-mnist-marked* data set: run framed images through this "
+                        "fixed policy (syntax of train_dfs.py --policy) and the others through --route-unmarked's, "
+                        "instead of the gate (an oracle routing)")
+    p.add_argument("--route-unmarked", metavar="POLICY", help="see --route-marked")
     p.add_argument("--time", action="store_true",
                    help="also measure eval time with the gate's decisions on the first test batch against the "
                         "plain ResNet with the same weights (NCHW and channels_last), at that batch size and at 1 "
@@ -224,6 +249,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
+    if (args.route_marked is None) != (args.route_unmarked is None):
+        p.error("--route-marked and --route-unmarked go together: one policy for each half")
     if args.int8 and int8.unavailable(args.device):
         p.error(int8.unavailable(args.device))
     args.int8_fused = args.int8 and int8.can_compile()

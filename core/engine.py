@@ -23,7 +23,7 @@ from core import distributed, runfolder
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import DFSError, TrainingError, UserError, WriteError
 from core.evaluation import evaluate, format_report, model_config, model_from_config, split_output
-from core.settings import continue_run, given_args, parse_args
+from core.settings import continue_run, given_args, gumbel_tau, parse_args, routes_of
 from models import is_gated, resolve_name
 from models.cost import cost_penalty
 
@@ -65,13 +65,49 @@ def budget_loss(args):
 
     All over the global batch: s from its computation percentage, and C = sum of the processes'
     C_local, so each process's share of DDP's gradient average is beta * s * W * C_local.
+    --budget-loss squared or deadband (departures, stage 3) replace the term: see `budget_term`.
     """
+    kind = getattr(args, "budget_loss", "signed")
+
     def loss_fn(logits, decisions, target, model):
         total, cp = distributed.global_mean(model.computation_percentage(decisions.detach()), len(target))
-        sign = torch.where(cp > args.target_cp, 1.0, -1.0)
+        ce = global_cross_entropy(logits, target, total)
         penalty = cost_penalty(decisions, model.option_costs) * distributed.world_size()
-        return global_cross_entropy(logits, target, total) + args.cost_weight * sign * penalty, cp
+        if kind != "signed":
+            return ce + budget_term(kind, args, ce, penalty, cp, total, decisions, model), cp
+        sign = torch.where(cp > args.target_cp, 1.0, -1.0)
+        return ce + args.cost_weight * sign * penalty, cp
     return loss_fn
+
+
+def budget_term(kind, args, ce, penalty, cp, total, decisions, model):
+    """The departures' budget terms (each process's share of DDP's gradient average, as `budget_loss`).
+
+    squared: beta * (cp/100 - target/100)^2 of the global batch's computation percentage cp (the form of
+        ConvNet-AIG, DynConv, LAUDNet); its gradient is that of the global value.
+    deadband: FracTrain's rule (GATECH-EIC/FracTrain, fractrain_cifar/train_dfq.py, run_training): beta * C
+        times s = -1 below target - band, +1 at or above target + band, +0.1 at or above the target within
+        the band and -0.1 below it; with a cap c > 0 (their --ada_beta, c = 0.1), when beta * C exceeds c
+        times the cross entropy it is rescaled to exactly that (the gradient scaled by the same factor).
+    """
+    target = args.target_cp
+    if kind == "squared":
+        world = distributed.world_size()
+        # sum over this process's images of their percentage, / the global count: its share of cp
+        share = world * 100 * (decisions * model.option_costs).sum(-1).mean(1).sum() / total
+        gap = (cp - target) / 100
+        return args.cost_weight * (gap.square() + 2 * gap * (share - share.detach()) / 100)
+    band = args.budget_band
+    sign = torch.where(cp < target - band, -1.0, torch.where(cp >= target + band, 1.0,
+                                                             torch.where(cp >= target, 0.1, -0.1)))
+    term = args.cost_weight * penalty
+    if args.budget_cap > 0:  # global values: C summed over processes, CE their mean
+        world = distributed.world_size()
+        global_term = distributed.all_sum(term.detach()) / world
+        global_ce = distributed.all_sum(ce.detach()) / world
+        limit = args.budget_cap * global_ce
+        term = torch.where(global_term > limit, term * (limit / global_term), term)
+    return sign * term
 
 
 def seed_everything(seed):
@@ -109,7 +145,7 @@ def build_from_checkpoint(stage, args, ckpt):
               "options": args.options if stage.gated else None,
               "stochastic_act_rounding": getattr(args, "stochastic_act_rounding", False),
               "policy": getattr(args, "policy", None), "costs": getattr(args, "costs", None),
-              **({"bn": args.bn} if stage.gated else {})}
+              **({"bn": args.bn} if stage.gated else {}), **({"routes": routes_of(args)} if routes_of(args) else {})}
     continuing, saved_bn = False, None
     if ckpt is not None:
         where, saved = args.resume, model_config(ckpt)
@@ -134,10 +170,13 @@ def build_from_checkpoint(stage, args, ckpt):
                             f"{expected}a '{stage.name}' checkpoint to continue")
         if continuing or testing:
             config["policy"], config["costs"] = saved["policy"], saved.get("costs")
+            if saved.get("routes"):
+                config["routes"] = saved["routes"]
             if stage.gated and config["bn"] != saved_bn:
                 raise UserError(f"{where} has {saved_bn} batch norms, not --bn {config['bn']}")
-        elif saved["policy"] is not None:
-            raise UserError(f"{where} is a static-policy network (no trained gate); start from a stage-2 checkpoint")
+        elif saved["policy"] is not None or saved.get("routes"):
+            raise UserError(f"{where} is a static-policy or fixed-routing network (no trained gate); "
+                            "start from a stage-2 checkpoint")
     try:
         model = model_from_config(config)
     except ValueError as e:
@@ -156,6 +195,8 @@ def build_from_checkpoint(stage, args, ckpt):
             raise UserError(f"{args.resume} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
     if stage.gated:  # the options and policy as the model has them (a preset spelled out)
         config.update(options=list(model.options), policy=model.policy_names(), bn=model.bn)
+        if model.routes is not None:
+            config["routes"] = model.route_names()
     return model, config, continuing
 
 
@@ -286,22 +327,32 @@ def log_train(run, loss, logits, decisions, cp, y, lr, seconds, writer, say):
     # One reduction: each process's loss is its share of the global loss (see budget_loss); the
     # rest are sums of correct answers, samples and per-option choices over blocks.
     per_block = decisions.detach().sum(0) if decisions is not None else loss.new_zeros(0, 0)  # [G, O]
+    with torch.no_grad():  # the cross-entropy part of the loss, shared out as the loss is
+        ce = global_cross_entropy(logits.detach().float(), y)
     totals = distributed.all_sum(torch.cat([(loss.detach() / distributed.world_size()).reshape(1),
+                                            (ce / distributed.world_size()).reshape(1).to(loss.dtype),
                                             (logits.argmax(1) == y).sum().reshape(1).to(loss.dtype),
                                             loss.new_tensor([len(y)]), per_block.flatten().to(loss.dtype)])).tolist()
-    loss, acc, n = totals[0], 100 * totals[1] / totals[2], totals[2]
-    per_block = torch.tensor(totals[3:]).view(per_block.shape) / n  # share of the batch per block and option
+    loss, ce, acc, n = totals[0], totals[1], 100 * totals[2] / totals[3], totals[3]
+    per_block = torch.tensor(totals[4:]).view(per_block.shape) / n  # share of the batch per block and option
     usage = (per_block.sum(0) * n).tolist()
-    line = f"iter {run.step}/{run.args.iters}  loss {loss:.4f}  acc {acc:.1f}  lr {lr:g}"
+    line = f"iter {run.step}/{run.args.iters}  loss {loss:.4f}"
+    if cp is not None:  # the loss = cross entropy + the budget term
+        line += f" (ce {ce:.4f}, budget {loss - ce:+.4f})"
+    line += f"  acc {acc:.1f}  lr {lr:g}"
     if cp is not None:
         line += f"  cp {float(cp):.2f}"
+    tau = run.model.gate.gumbel_tau if run.stage.gated else None
+    if tau is not None:
+        line += f"  tau {tau:.3g}"
     say(f"{line}  {seconds * 1000:.0f} ms/iter")
     if distributed.is_main():
         record = {"step": run.step, "split": "train", "loss": loss, "acc": acc, "lr": lr,
                   "seconds_per_iter": seconds}
         if cp is not None:
-            record.update(computation_percentage=float(cp), target=run.args.target_cp,
-                          option_names=run.model.option_names, block_shares=per_block.tolist())
+            record.update(cross_entropy=ce, budget_term=loss - ce, computation_percentage=float(cp),
+                          target=run.args.target_cp, option_names=run.model.option_names,
+                          block_shares=per_block.tolist(), **({"gumbel_tau": tau} if tau is not None else {}))
         runfolder.append_record(run.folder, record, runfolder.TRAIN_LOG)
     if writer is not None:
         writer.add_scalar("train/loss", loss, run.step)
@@ -320,7 +371,7 @@ def evaluate_and_save(run, eval_batches, split, writer, say):
     # eval too): otherwise where evaluations fall, e.g. a resume's --iters, changes the training.
     distributed.broadcast_buffers(run.model)  # every process evaluates process 0's model
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        stats = evaluate(run.model, eval_batches)
+        stats = evaluate(run.model, eval_batches, marked=run.args.dataset in data.MARKED)
     best = stats["acc"] > run.best_acc
     run.best_acc = max(run.best_acc, stats["acc"])
     if distributed.is_main():
@@ -351,6 +402,8 @@ def train(run, loss_fn, eval_batches, split, writer=None):
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             x, y = next(stream)
+            if getattr(args, "gate_estimator", "argmax") == "gumbel":
+                run.model.gate.gumbel_tau = gumbel_tau(args, run.step)
             loss, logits, decisions, cp = train_step(run, loss_fn, x, y)
             run.step += 1
             bar.update(1)
@@ -383,8 +436,8 @@ def train(run, loss_fn, eval_batches, split, writer=None):
 
 def report_test(model, args, share):
     """`test ARCH --resume CKPT`: the test-set report, printed by process 0; returns 0."""
-    stats = evaluate(model, data.test_batches(args.dataset, args.data_dir, args.batch_size,
-                                              download=args.download, **share))
+    batches = data.test_batches(args.dataset, args.data_dir, args.batch_size, download=args.download, **share)
+    stats = evaluate(model, batches, marked=args.dataset in data.MARKED)
     if distributed.is_main():
         print(format_report(stats, getattr(model, "option_names", None)))
     return 0

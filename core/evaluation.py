@@ -1,6 +1,8 @@
 """Evaluation: accuracy, computation percentage and decisions of a model on a set of batches, the
 text report, and rebuilding a model from a checkpoint (the one way every tool does it).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +10,7 @@ from core import distributed
 from core.checkpoint import load_checkpoint
 from core.errors import CheckpointError, UserError
 from models import build_model
+from models.dfs_resnet import has_mark
 
 
 def split_output(out):
@@ -15,15 +18,60 @@ def split_output(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
+def option_cost_of(choices, costs):
+    """[N, G] cost of each image's choice at each gated block, from a [O] or [G, O] cost table."""
+    costs = costs.to(choices.device)
+    if costs.dim() == 1:
+        return costs[choices]
+    return costs[torch.arange(choices.shape[1], device=choices.device), choices]
+
+
+def mutual_information_bits(a, b):
+    """Mutual information, in bits, between two [N] integer labelings (plug-in estimate)."""
+    pairs = torch.stack([a, b], 1).unique(dim=0, return_counts=True)
+    n = len(a)
+    info = 0.0
+    for (x, y), count in zip(pairs[0].tolist(), pairs[1].tolist()):
+        joint = count / n
+        info += joint * math.log2(joint / (float((a == x).sum()) / n * float((b == y).sum()) / n))
+    return max(info, 0.0)
+
+
+def routing_diagnostics(choices, costs, correct=None, marks=None):
+    """How much a gate routes per input, from its [N, G] choices (a host-side summary).
+
+    distinct_decision_vectors: how many different rows; majority_share: per block, the share of the
+    images that took its most common option. With `marks` ([N] bool, a marked data set) and `correct`
+    ([N] bool): per half, top-1 and computation percentage, and per block the mutual information
+    between the decision and the mark, in bits (at most 1).
+    """
+    choices = choices.cpu()
+    n, blocks = choices.shape
+    counts = torch.stack([torch.bincount(col, minlength=int(choices.max()) + 1) for col in choices.T])
+    out = {"distinct_decision_vectors": int(len(choices.unique(dim=0))),
+           "majority_share": (counts.max(1).values.double() / n).tolist()}
+    if marks is not None:
+        marks = marks.cpu()
+        cost = 100 * option_cost_of(choices, costs.cpu()).double().mean(1)  # [N] each image's percentage
+        out["halves"] = {half: {"images": int(m.sum()),
+                                "computation_percentage": float(cost[m].mean()) if m.any() else None,
+                                **({"acc": 100 * float(correct.cpu()[m].double().mean()) if m.any() else None}
+                                   if correct is not None else {})}
+                         for half, m in (("marked", marks), ("unmarked", ~marks))}
+        out["mark_information_bits"] = [mutual_information_bits(col, marks.long()) for col in choices.T]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, batches, force=None, per_image=False):
+def evaluate(model, batches, force=None, per_image=False, marked=False):
     """Top-1 accuracy, loss, computation percentage and per-block decision distribution.
 
     With several processes each evaluates its share of `batches` and the sums are added up, the
     counts exactly (int64, and float64 for the decision counts), so the figures are one process's.
     force: [N, G] option indices, one row per image of `batches` in order, run instead of the
     gate's choices (one process). per_image: also return `correct` [N] (bool) and, for a gated
-    model, `choices` [N, G] (one process).
+    model, `choices` [N, G] (one process). A gated model in one process also gets `routing`
+    (`routing_diagnostics`); marked: the batches are of a marked data set (its halves reported).
     """
     if (force is not None or per_image) and distributed.world_size() > 1:
         raise UserError("per-image evaluation (controls, significance) runs in one process")
@@ -36,7 +84,8 @@ def evaluate(model, batches, force=None, per_image=False):
     loss = torch.zeros((), dtype=torch.float64, device=device)
     if gated:  # [G, O]: how many samples chose each option at each gated block
         usage = torch.zeros(len(model.gate_embeds), len(model.options), dtype=torch.float64, device=device)
-    hits, choices = [], []
+    hits, choices, marks = [], [], []
+    routing = gated and distributed.world_size() == 1  # per-image diagnostics: one process
     for x, y in batches:
         kwargs = {} if force is None else {"force_option": force[n:n + len(y)]}
         logits, decisions = split_output(model(x, **kwargs))
@@ -46,18 +95,23 @@ def evaluate(model, batches, force=None, per_image=False):
         n += len(y)
         if gated:
             usage += decisions.sum(0).double()
-        if per_image:
-            hits.append(hit.cpu())
-            choices.append(decisions.argmax(2).cpu() if gated else None)
+        if per_image or routing:
+            hits.append(hit)
+            choices.append(decisions.argmax(2) if gated else None)
+        if routing and marked:
+            marks.append(has_mark(x))
     model.train(was_training)
     if force is not None and n != len(force):
         raise ValueError(f"force has {len(force)} rows for {n} images")
     correct, n = distributed.all_sum(torch.stack([correct, correct.new_tensor(n)])).tolist()
     stats = {"acc": 100 * correct / n, "loss": float(distributed.all_sum(loss)) / n, "num_samples": n}
     if per_image:
-        stats["correct"] = torch.cat(hits)
+        stats["correct"] = torch.cat(hits).cpu()
         if gated:
-            stats["choices"] = torch.cat(choices)
+            stats["choices"] = torch.cat(choices).cpu()
+    if routing and n:
+        stats["routing"] = routing_diagnostics(torch.cat(choices), model.option_costs, torch.cat(hits),
+                                               torch.cat(marks) if marked else None)
     if gated:
         # Every figure is linear in the decisions, so the mean over samples gives them all.
         dist = distributed.all_sum(usage) / n  # per block, the share of samples that chose each option
@@ -81,6 +135,17 @@ def format_report(stats, option_names=None):
         # Paper numbering: block 1 is the ungated first block, gated blocks are 2..3n.
         for i, row in enumerate(stats["decision_distribution"]):
             lines.append(f"{i + 2:>5} " + "".join(f"{100 * v:>7.1f}%" for v in row))
+    routing = stats.get("routing")
+    if routing:
+        lines.append(f"distinct decision vectors {routing['distinct_decision_vectors']}, images at each block's "
+                     f"most common option {100 * sum(routing['majority_share']) / len(routing['majority_share']):.1f} %")
+        for half, h in routing.get("halves", {}).items():
+            if h["images"]:
+                lines.append(f"{half} half ({h['images']} images): top-1 {h['acc']:.2f} %, "
+                             f"computation {h['computation_percentage']:.2f} %")
+        if "mark_information_bits" in routing:
+            lines.append("decision-mark information (bits) per block: "
+                         + " ".join(f"{v:.2f}" for v in routing["mark_information_bits"]))
     return "\n".join(lines)
 
 
@@ -150,7 +215,7 @@ def model_from_config(config):
     """A new model from a config record (ValueError on bad values); no "bn" key: shared BN."""
     return build_model(config["name"], config["num_classes"], config.get("options"),
                        bool(config.get("stochastic_act_rounding", False)), config.get("policy"), config.get("costs"),
-                       config.get("bn"))
+                       config.get("bn"), config.get("routes"))
 
 
 def load_model(path, device):

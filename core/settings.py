@@ -91,7 +91,55 @@ def build_parser(stage):
         x.add_argument("--policy", default=None,
                        help="a static network instead of the gate (a baseline): one option per gated block, "
                             "e.g. 8,8,skip,16,... or a JSON file of option names; one name applies to every block")
+        x.add_argument("--route-marked", default=None, metavar="POLICY",
+                       help="with --route-unmarked, on a fashion-mnist-marked* data set: a fixed per-input routing "
+                            "instead of the gate (an oracle): framed images take this policy (syntax of --policy)")
+        x.add_argument("--route-unmarked", default=None, metavar="POLICY",
+                       help="the policy of the images without a frame (see --route-marked)")
+        x.add_argument("--budget-loss", choices=BUDGET_LOSSES, default="signed",
+                       help="the budget term: signed, the paper's beta*s*C; squared, beta*(cp/100 - target/100)^2 "
+                            "(ConvNet-AIG, DynConv); deadband, FracTrain's signed term with weight 0.1 within "
+                            "--budget-band of the target and capped at --budget-cap x cross entropy")
+        x.add_argument("--budget-band", type=float, default=0.0,
+                       help="deadband: half-width of the band around the target, in percentage points (FracTrain's --relax)")
+        x.add_argument("--budget-cap", type=float, default=0.1,
+                       help="deadband: the budget term at most this fraction of the batch's cross entropy "
+                            "(FracTrain's --ada_beta, a tenth); 0: no cap")
+        x.add_argument("--gate-estimator", choices=GATE_ESTIMATORS, default="argmax",
+                       help="argmax: the paper's deterministic decision with a straight-through gradient; gumbel: "
+                            "in training a Gumbel-softmax sample (hard forward, the softmax's gradient), annealed "
+                            "over --gumbel-tau; evaluation is the argmax either way")
+        x.add_argument("--gumbel-tau", default="5:0.5", metavar="START:END",
+                       help="gumbel: the temperature, annealed exponentially from START at iteration 0 to END at --iters")
     return p
+
+
+BUDGET_LOSSES = ("signed", "squared", "deadband")
+GATE_ESTIMATORS = ("argmax", "gumbel")
+
+
+def parse_tau(spec):
+    """--gumbel-tau START:END as two positive floats; ValueError otherwise."""
+    try:
+        start, end = (float(v) for v in str(spec).split(":"))
+    except ValueError:
+        raise ValueError(f"--gumbel-tau takes START:END, e.g. 5:0.5, got {spec!r}") from None
+    if not (math.isfinite(start) and math.isfinite(end) and start > 0 and end > 0):
+        raise ValueError(f"--gumbel-tau temperatures must be finite and > 0, got {spec!r}")
+    return start, end
+
+
+def gumbel_tau(args, step):
+    """The temperature at `step`: START * (END / START) ** (step / iters)."""
+    start, end = parse_tau(args.gumbel_tau)
+    return start * (end / start) ** (min(step, args.iters) / args.iters)
+
+
+def routes_of(args):
+    """The routing the command line asks for: {"marked": [...], "unmarked": [...]} or None."""
+    if getattr(args, "route_marked", None) is None:
+        return None
+    return {"marked": read_policy(args.route_marked), "unmarked": read_policy(args.route_unmarked)}
 
 
 def parse_args(stage, argv=None):
@@ -118,7 +166,9 @@ RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": 
                 "warm_up": "--warm-up", "momentum": "--momentum", "weight_decay": "--weight-decay",
                 "tf32": "--tf32", "target_cp": "--target-cp/--minimum", "cost_weight": "--cost-weight/--beta",
                 "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy", "costs": "--costs",
-                "bn": "--bn"}
+                "bn": "--bn", "route_marked": "--route-marked", "route_unmarked": "--route-unmarked",
+                "budget_loss": "--budget-loss", "budget_band": "--budget-band", "budget_cap": "--budget-cap",
+                "gate_estimator": "--gate-estimator", "gumbel_tau": "--gumbel-tau"}
 
 
 def continue_run(args, saved, given, where):
@@ -183,11 +233,31 @@ def validate_args(stage, args):
             args.costs = read_json(args.costs, "--costs")
         if not 0 < args.target_cp <= 100:
             raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
+    if stage.name == "dfs":
+        validate_departures(args)
     try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
     return args
+
+
+def validate_departures(args):
+    """Stage 3's round-4 flags: a routing, the budget term, the gate's estimator (ValueError)."""
+    if (args.route_marked is None) != (args.route_unmarked is None):
+        raise ValueError("--route-marked and --route-unmarked go together: one policy for each half")
+    if args.route_marked is not None:
+        if args.dataset not in data.MARKED:
+            raise ValueError(f"--route-marked/--route-unmarked route by the frame of {' or '.join(data.MARKED)}, "
+                             f"not {args.dataset}")
+        if args.policy is not None:
+            raise ValueError("--policy and --route-marked/--route-unmarked: choose one")
+        args.route_marked, args.route_unmarked = read_policy(args.route_marked), read_policy(args.route_unmarked)
+    for name in ("budget_band", "budget_cap"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    parse_tau(args.gumbel_tau)
 
 
 def read_json(path, flag):

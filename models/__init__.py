@@ -35,16 +35,17 @@ def is_gated(name):
 
 
 def build_model(name, num_classes=None, options=None, stochastic_act_rounding=False, policy=None, costs=None,
-                bn=None):
-    """Build a model by canonical name or alias. `options`, `policy`, `costs` and `bn` ("shared" or
-    "per-option") apply to DFS networks only."""
+                bn=None, routes=None):
+    """Build a model by canonical name or alias. `options`, `policy`, `costs`, `bn` ("shared" or
+    "per-option") and `routes` apply to DFS networks only."""
     canonical, implied = resolve_name(name)
     if num_classes is not None and implied is not None and num_classes != implied:
         raise ValueError(f"{name} has {implied} classes, asked for {num_classes}")
     num_classes = num_classes or implied or 10
     kwargs = dict(num_classes=num_classes, stochastic_act_rounding=stochastic_act_rounding)
     if canonical.startswith("dfs_"):
-        kwargs.update(options=options, policy=policy, costs=costs, bn=bn)
-    elif options is not None or policy is not None or costs is not None or bn not in (None, "shared"):
+        kwargs.update(options=options, policy=policy, costs=costs, bn=bn, routes=routes)
+    elif options is not None or policy is not None or costs is not None or routes is not None \
+            or bn not in (None, "shared"):
         raise ValueError(f"{name} is a plain ResNet; options apply to the gated dfs_resnet models")
     return MODELS[canonical](**kwargs)

@@ -17,6 +17,17 @@ from models.resnet import CifarResNet, init_weights
 from quantize import input_range
 
 EXECUTIONS = ("dynamic", "mixed")
+HALVES = ("marked", "unmarked")  # the two routes of a fixed per-input routing (`routes`)
+
+
+def has_mark(x):
+    """[B] bool: which images of a fashion-mnist-marked* batch carry the coloured frame.
+
+    Fashion-MNIST is gray: its three channels are equal, after normalisation too (each channel is
+    normalised with the same mean and std), so an image has a colour exactly where it has a frame, and
+    the training crops and flips keep part of the frame in view (data.mark). No host sync.
+    """
+    return (x.amax(1) != x.amin(1)).flatten(1).any(1)
 
 
 @torch.no_grad()
@@ -66,14 +77,17 @@ class DFSResNet(CifarResNet):
     bn: "shared" (the paper's) or "per-option" (a departure, models/norms.py): one BN set per option of
     every gated block, with statistics from the images routed to it. A static policy has one option
     per block, so its blocks' own BNs already are per-option: it ignores the flag.
+    routes: a fixed per-input routing for the marked data sets (not the paper's; an oracle): {"marked":
+    policy, "unmarked": policy}, each image taking its half's policy (`has_mark`), the gate unused.
     """
 
     def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None,
-                 costs=None, bn=None):
+                 costs=None, bn=None, routes=None):
         super().__init__(depth, num_classes, stochastic_act_rounding)
         self.options = parse_options(options)
         self.option_names = option_names(self.options)
         self.policy = None if policy is None else parse_policy(policy, self.options, len(self.blocks) - 1)
+        self.register_buffer("routes", None if routes is None else self.parse_routes(routes), persistent=False)
         self.quantized = any(not isinstance(o, str) for o in self.options)  # some option has bits
         self.gate_embeds = nn.ModuleList(GateEmbedding(b.conv2.out_channels) for b in self.blocks[:-1])
         self.gate = LSTMGate(len(self.options))
@@ -103,6 +117,25 @@ class DFSResNet(CifarResNet):
             executed[:, self.options.index("skip")] = skip_share
         self.register_buffer("bitops_table", bitops, persistent=False)
         self.register_buffer("executed_table", executed, persistent=False)
+
+    def parse_routes(self, routes):
+        """{"marked": policy, "unmarked": policy} as a [2, G] tensor of option indices; ValueError otherwise."""
+        if self.policy is not None:
+            raise ValueError("a network has either a static policy or a per-input routing, not both")
+        if not isinstance(routes, dict) or set(routes) != set(HALVES):
+            raise ValueError(f"a routing names a policy for each of {HALVES}, got {routes!r}")
+        table = [parse_policy(routes[half], self.options, len(self.blocks) - 1) for half in HALVES]
+        return torch.tensor(table)
+
+    def route_names(self):
+        """The routing as {half: option names per gated block} (None without one)."""
+        if self.routes is None:
+            return None
+        return {half: [self.option_names[k] for k in row] for half, row in zip(HALVES, self.routes.tolist())}
+
+    def routed_choices(self, x):
+        """[B, G] option indices of the fixed routing: each image its half's policy."""
+        return torch.where(has_mark(x)[:, None], self.routes[0], self.routes[1])
 
     def computation_percentage(self, decisions):
         """The paper's computation percentage (every gated block weighs the same)."""
@@ -212,6 +245,8 @@ class DFSResNet(CifarResNet):
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if force_option is None and self.routes is not None:
+            force_option = self.routed_choices(x)
         forced = self.forced_choices(force_option if force_option is not None else self.policy)
         if torch.is_tensor(forced):
             if len(forced) != len(x):
@@ -244,13 +279,18 @@ class DFSResNet(CifarResNet):
 
     def unused_parameters(self):
         """Parameters a static policy never uses: the gate's, and the convs and BNs of skipped blocks;
-        with per-option BN, the gated blocks' shared bn1 and bn2 (every option has its own)."""
-        if self.policy is None:
-            return [p for b in self.blocks[1:] for p in (*b.bn1.parameters(), *b.bn2.parameters())
-                    ] if self.bn == "per-option" else []
+        with per-option BN, the gated blocks' shared bn1 and bn2 (every option has its own). A fixed
+        routing: the gate's, and those of the blocks that both halves skip (and shared BNs as above)."""
+        shared_bns = [p for b in self.blocks[1:] for p in (*b.bn1.parameters(), *b.bn2.parameters())
+                      ] if self.bn == "per-option" else []
+        if self.policy is None and self.routes is None:
+            return shared_bns
+        per_block = [[k] for k in self.policy] if self.policy is not None else self.routes.T.tolist()
         unused = [*self.gate.parameters(), *self.gate_embeds.parameters()]
-        for block, k in zip(self.blocks[1:], self.policy):
-            if self.options[k] == "skip":
+        if self.routes is not None:
+            unused += shared_bns
+        for block, ks in zip(self.blocks[1:], per_block):
+            if all(self.options[k] == "skip" for k in ks):
                 unused += [p for n, p in block.named_parameters() if not n.startswith("shortcut_")]
         return unused
 

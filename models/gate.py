@@ -29,11 +29,24 @@ def straight_through(hard, probs):
     return hard - probs.detach() + probs
 
 
+def gumbel_noise(shape, device, dtype):
+    """Standard Gumbel samples -log(-log U), from torch's random stream (seeded, resumable)."""
+    u = torch.rand(shape, device=device, dtype=dtype)
+    return -torch.log(-torch.log(u.clamp_(min=torch.finfo(dtype).tiny)))
+
+
 class LSTMGate(nn.Module):
-    """Shared LSTM + linear head giving, per sample, a distribution over the options."""
+    """Shared LSTM + linear head giving, per sample, a distribution over the options.
+
+    gumbel_tau: None (the paper's deterministic argmax) or a temperature: in training, the hard
+    decision is then the argmax of a Gumbel-perturbed softmax, softmax((logits + g) / tau), whose
+    gradient it carries (Gumbel-softmax straight-through; a departure, `--gate-estimator gumbel`).
+    The engine sets it before each step; evaluation never samples.
+    """
 
     def __init__(self, num_options):
         super().__init__()
+        self.gumbel_tau = None
         # LSTMCell is one step of a one-layer nn.LSTM; it also keeps torch.compile graphs whole.
         self.lstm = nn.LSTMCell(EMBED_DIM, HIDDEN_DIM)
         self.proj = nn.Linear(HIDDEN_DIM, num_options)
@@ -50,7 +63,10 @@ class LSTMGate(nn.Module):
         gradient of `probs` (value one-hot, gradient that of the softmax).
         """
         h, c = self.lstm(feat, state)
-        probs = F.softmax(self.proj(h), dim=-1)
+        logits = self.proj(h)
+        probs = F.softmax(logits, dim=-1)
+        if self.training and self.gumbel_tau is not None:
+            probs = F.softmax((logits + gumbel_noise(logits.shape, logits.device, logits.dtype)) / self.gumbel_tau, dim=-1)
         hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         if self.training:
             hard = straight_through(hard, probs)

@@ -276,7 +276,7 @@ def test_a_crash_while_training_saves_keeps_the_last_checkpoint(tmp_path, monkey
 
 def scripted_evaluate(monkeypatch, accuracies):
     accuracies = list(accuracies)
-    monkeypatch.setattr(engine, "evaluate", lambda model, batches: {
+    monkeypatch.setattr(engine, "evaluate", lambda model, batches, **kwargs: {
         "acc": accuracies.pop(0), "loss": 1.0, "num_samples": TEST_SIZE})
 
 

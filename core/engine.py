@@ -193,6 +193,9 @@ def build_from_checkpoint(stage, args, ckpt):
                 model.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{args.resume} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
+    if getattr(model, "routes", None) is not None and distributed.world_size() > 1:
+        # a process whose slice holds no image of one half would leave that half's parameters unused
+        raise UserError("a fixed routing (--route-marked/--route-unmarked) trains in one process")
     if stage.gated:  # the options and policy as the model has them (a preset spelled out)
         config.update(options=list(model.options), policy=model.policy_names(), bn=model.bn)
         if model.routes is not None:

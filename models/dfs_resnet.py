@@ -78,7 +78,9 @@ class DFSResNet(CifarResNet):
     every gated block, with statistics from the images routed to it. A static policy has one option
     per block, so its blocks' own BNs already are per-option: it ignores the flag.
     routes: a fixed per-input routing for the marked data sets (not the paper's; an oracle): {"marked":
-    policy, "unmarked": policy}, each image taking its half's policy (`has_mark`), the gate unused.
+    policy, "unmarked": policy}, each image taking its half's policy (`has_mark`), the gate unused. With no
+    gate to train, training too runs each image through its own option only (`run_dynamic`), so with the
+    same policy for both halves it is the static `policy` network.
     """
 
     def __init__(self, depth=38, num_classes=10, options=None, stochastic_act_rounding=False, policy=None,
@@ -208,7 +210,10 @@ class DFSResNet(CifarResNet):
         return mix(candidates, hard)
 
     def run_dynamic(self, g, block, x, hard):
-        """Compute only each sample's chosen option, one group of samples per option."""
+        """Compute only each sample's chosen option, one group of samples per option.
+
+        In eval; and in training under a fixed routing (`routes`), where each group's BNs and activation
+        ranges then see only that group's images, as a static network's see all of its images."""
         choice = hard.argmax(1)
         counts = option_counts(hard, choice)  # the one host sync per block: it decides the work
         if max(counts) == len(x):  # one option for the whole batch: no gather/scatter
@@ -245,7 +250,8 @@ class DFSResNet(CifarResNet):
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if force_option is None and self.routes is not None:
+        routed = force_option is None and self.routes is not None
+        if routed:
             force_option = self.routed_choices(x)
         forced = self.forced_choices(force_option if force_option is not None else self.policy)
         if torch.is_tensor(forced):
@@ -266,7 +272,9 @@ class DFSResNet(CifarResNet):
                 _, hard, state = self.gate(embed(x), state)
             else:
                 hard = torch.nn.functional.one_hot(forced[:, g], len(self.options)).to(x.dtype)
-            if self.training or execution == "mixed":
+            if routed:  # no gate to train: every image runs only its own option, in training too
+                x = self.run_dynamic(g, block, x, hard)
+            elif self.training or execution == "mixed":
                 x = self.run_all(g, block, x, hard, sparse=self.training and execution == "dynamic")
             else:
                 x = self.run_dynamic(g, block, x, hard)

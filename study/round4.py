@@ -4,7 +4,9 @@
     python study/round4.py --analyse-only
 
 The plan, committed before the first run, is OUT/PLAN.md; this script runs its tier A (the certificate
-of the positive control). Every run goes through the real scripts (train_dfs.py, eval.py). Lanes take
+of the positive control), then, unless the certificate fails at both lengths, tiers B (budget terms:
+weight pilots of 1,000 iterations, the selected pilot continued to 3,000) and C (Gumbel-softmax), and
+each arm's searched static counterpart. A run waits for the runs it needs (the other lane may run them). Every run goes through the real scripts (train_dfs.py, eval.py). Lanes take
 the next run that is neither finished nor claimed by the other lane (a claim file under RUNS), so two
 lanes never train the same run. Each finished run adds one record to OUT/results.json (under a lock):
 the single source of every number. Its weights-only checkpoint (the run's final state) goes to
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -34,13 +37,61 @@ LENGTHS = {300: ["--iters", "300", "--lr-steps", "225", "--eval-every", "300"],
            3000: ["--iters", "3000", "--lr-steps", "2250", "--eval-every", "3000"]}
 
 
+# Tier B-C (PLAN.md): seed 0, from round 3's per-option-BN stage 2, 3,000 iterations at the static cost
+TARGET = "2.34375"
+GATED = "gate_po_marked_s0"
+ARM = ["--lr-steps", "2250", "--eval-every", "250"]
+PILOT_ITERS, ARM_ITERS = 1000, 3000
+GRIDS = {"signed": ("0.001", "0.01", "0.1"), "squared": ("10", "100", "1000"), "deadband": ("0.001", "0.01", "0.1")}
+TERM_FLAGS = {"signed": [], "squared": [], "deadband": ["--budget-band", "0.5", "--budget-cap", "0.1"]}
+GUMBEL = ["--gate-estimator", "gumbel", "--gumbel-tau", "5:0.5"]
+WINDOW = 1.0  # the static counterpart's search window below the arm's validation cost (round 3's for these options)
+
+
 def plan():
-    """Tier A in order: (tier, name, kind, fields). The 300-iteration statics are round 3's."""
-    runs = [("A", f"oracle_300_s{s}", "oracle", dict(seed=s, iters=300)) for s in SEEDS]
+    """Every run in order: (tier, name, kind, fields, the runs it needs). The 300-iteration statics are round 3's."""
+    runs = [("A", f"oracle_300_s{s}", "oracle", dict(seed=s, iters=300), ()) for s in SEEDS]
     for s in SEEDS:
-        runs += [("A", f"oracle_3000_s{s}", "oracle", dict(seed=s, iters=3000)),
-                 ("A", f"static_3000_s{s}", "static", dict(seed=s, iters=3000))]
+        runs += [("A", f"oracle_3000_s{s}", "oracle", dict(seed=s, iters=3000), ()),
+                 ("A", f"static_3000_s{s}", "static", dict(seed=s, iters=3000), ())]
+    tier_a = tuple(name for _, name, *_ in runs)
+    for term, weights in GRIDS.items():
+        runs += [("B", pilot_name(term, w), "pilot", dict(term=term, weight=w), tier_a) for w in weights]
+    for term, weights in GRIDS.items():
+        runs.append(("B", f"b_{term}_s0", "arm", dict(term=term), tuple(pilot_name(term, w) for w in weights)))
+    arms = tuple(f"b_{term}_s0" for term in GRIDS)
+    runs.append(("C", "c_gumbel_s0", "gumbel", {}, arms))
+    for arm in (*arms, "c_gumbel_s0"):
+        runs.append(("B" if arm.startswith("b_") else "C", f"static_of_{arm}", "searched", dict(match=arm), (arm,)))
     return runs
+
+
+def pilot_name(term, weight):
+    return f"pilot_{term}_w{weight}_s0"
+
+
+def select_weight(records, term):
+    """The plan's rule: the smallest weight whose validation cost at iteration 1,000 is at most 1.1 x the
+    target; if none, the largest. Returns the pilot's name."""
+    binding = [w for w in GRIDS[term]
+               if records[pilot_name(term, w)]["val"]["computation_percentage"] <= 1.1 * float(TARGET)]
+    return pilot_name(term, min(binding, key=float) if binding else max(GRIDS[term], key=float))
+
+
+def select_gumbel_arm(records):
+    """Tier C's budget term: the tier-B arm with the largest final validation gap between the unmarked and
+    the marked half's cost (ties: higher validation top-1); if no gap reaches 1 point, B2 squared's."""
+    def gap(name):
+        h = records[name]["val"]["routing"]["halves"]
+        return h["unmarked"]["computation_percentage"] - h["marked"]["computation_percentage"]
+    arms = [f"b_{term}_s0" for term in GRIDS]
+    best = max(arms, key=lambda a: (gap(a), records[a]["val"]["acc"]))
+    return best if gap(best) >= 1 else "b_squared_s0"
+
+
+def policy_text(policy):
+    """A static policy as one comparable string: skip,8,... (from a list of option names or a string)."""
+    return policy if isinstance(policy, str) else ",".join(o.replace("-bit", "") for o in policy)
 
 
 class Round4(Study):
@@ -69,8 +120,9 @@ class Round4(Study):
         if os.path.exists(path):
             os.remove(path)
 
-    def train_final(self, name, parent, flags):
-        """Run (resume, or skip) stage 3; release its final state (not model_best) and its logs."""
+    def train_final(self, name, parent, flags, test=True):
+        """Run (resume, or skip) stage 3; release its final state (not model_best), its logs and, with
+        `test`, its test-set record. A run whose folder already holds a checkpoint continues it."""
         folder = os.path.join(self.runs, name, ARCH)
         latest = os.path.join(folder, runfolder.LATEST)
         cmd = [sys.executable, "train_dfs.py", "train", ARCH, "--dataset", DATA, "--val-size", "5000",
@@ -87,8 +139,12 @@ class Round4(Study):
             if os.path.exists(os.path.join(folder, f)):
                 shutil.copy(os.path.join(folder, f), logs)
         with open(os.path.join(folder, runfolder.LOG)) as f:
-            val = [json.loads(line) for line in f][-1]
-        return dict(checkpoint=self.checkpoint(name), val=val, train_wall_seconds=round(wall))
+            history = [json.loads(line) for line in f]
+        r = dict(checkpoint=self.checkpoint(name), val=history[-1], train_wall_seconds=round(wall))
+        if len(history) > 1:  # validation every 250 iterations: the per-half cost over training
+            r["val_history"] = [{"step": v["step"], "acc": v["acc"], "computation_percentage": v["computation_percentage"],
+                                 "halves": v["routing"]["halves"]} for v in history]
+        return dict(r, test=self.test(name)) if test else r
 
     def test(self, name):
         path = os.path.join(self.runs, f"{name}.eval.json")
@@ -98,34 +154,112 @@ class Round4(Study):
             return json.load(f)
 
     def run(self, name, kind, f, records):
-        seed, iters = f["seed"], f["iters"]
-        parent = f"{R3}/checkpoints/gate_marked_s{seed}.pth"
-        if kind == "oracle":
-            flags = ["--options", "paper", "--bn", "per-option", "--beta", "0", "--seed", str(seed),
-                     "--route-marked", ORACLE["marked"], "--route-unmarked", ORACLE["unmarked"], *LENGTHS[iters]]
-        else:
-            flags = ["--policy", STATIC_POLICY, "--beta", "0", "--seed", str(seed), *LENGTHS[iters]]
-        r = self.train_final(name, parent, flags)
-        return dict(name=name, kind=kind, seed=seed, iters=iters, dataset=DATA, parent=parent,
-                    **({"routes": ORACLE} if kind == "oracle" else {"policy": STATIC_POLICY}),
-                    **r, test=self.test(name))
+        if kind in ("oracle", "static"):
+            seed, iters = f["seed"], f["iters"]
+            parent = f"{R3}/checkpoints/gate_marked_s{seed}.pth"
+            if kind == "oracle":
+                flags = ["--options", "paper", "--bn", "per-option", "--beta", "0", "--seed", str(seed),
+                         "--route-marked", ORACLE["marked"], "--route-unmarked", ORACLE["unmarked"], *LENGTHS[iters]]
+            else:
+                flags = ["--policy", STATIC_POLICY, "--beta", "0", "--seed", str(seed), *LENGTHS[iters]]
+            return dict(name=name, kind=kind, seed=seed, iters=iters, dataset=DATA, parent=parent,
+                        **({"routes": ORACLE} if kind == "oracle" else {"policy": STATIC_POLICY}),
+                        **self.train_final(name, parent, flags))
+        if kind == "searched":
+            return self.searched(name, f["match"], records)
+        parent = f"{R3}/checkpoints/{GATED}.pth"
+        if kind == "pilot":
+            term, weight, iters, selected_by = f["term"], f["weight"], PILOT_ITERS, None
+        elif kind == "arm":  # the selected pilot is this arm's first 1,000 iterations: continued, not rerun
+            term, selected_by = f["term"], select_weight(records, f["term"])
+            weight, iters = records[selected_by]["weight"], ARM_ITERS
+            mine = os.path.join(self.runs, name, ARCH)
+            if not os.path.exists(os.path.join(mine, runfolder.LATEST)):
+                shutil.rmtree(mine, ignore_errors=True)
+                shutil.copytree(os.path.join(self.runs, selected_by, ARCH), mine,
+                                ignore=shutil.ignore_patterns(runfolder.LOCK))
+        else:  # gumbel: tier B's chosen arm's term and weight, a fresh run of 3,000 iterations
+            selected_by = select_gumbel_arm(records)
+            term, weight, iters = records[selected_by]["term"], records[selected_by]["weight"], ARM_ITERS
+        flags = ["--options", "paper", "--bn", "per-option", "--budget-loss", term, "--beta", weight,
+                 "--minimum", TARGET, "--seed", "0", "--iters", str(iters), *ARM, *TERM_FLAGS[term],
+                 *(GUMBEL if kind == "gumbel" else [])]
+        return dict(name=name, kind=kind, seed=0, iters=iters, dataset=DATA, parent=parent, term=term, weight=weight,
+                    target=float(TARGET), estimator="gumbel" if kind == "gumbel" else "argmax",
+                    selected_by=selected_by, **self.train_final(name, parent, flags, test=kind != "pilot"))
+
+    def searched(self, name, match, records):
+        """An arm's static counterpart: searched on validation in [its validation cost - 1, its cost] from the
+        shared-BN stage 2 of the same seed, trained as long as the arm (a run of the same policy is reused)."""
+        parent = f"{R3}/checkpoints/gate_marked_s0.pth"
+        target = records[match]["val"]["computation_percentage"]
+        policy = os.path.relpath(os.path.join(self.out, "policies", f"{name}.json"), ROOT)
+        cache = os.path.relpath(os.path.join(self.out, "policies", "cache_gate_marked_s0.json"), ROOT)
+        if not os.path.exists(os.path.join(ROOT, cache)):  # round 3's evaluations of the same checkpoint and settings
+            shutil.copy(os.path.join(ROOT, R3, "policies", "cache_gate_marked_s0.json"), os.path.join(ROOT, cache))
+        cmd = [sys.executable, "study/search_policy.py", parent, "--target", f"{target}", "--window", str(WINDOW),
+               "--out", policy, "--device", "cpu", "--cache", cache]
+        base = dict(name=name, kind="searched", seed=0, iters=ARM_ITERS, dataset=DATA, parent=parent, match=match)
+        with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
+            result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True, env=one_thread_env())
+        if result.returncode != 0:  # no static policy in the window: recorded, not fatal
+            return dict(base, failed=result.stderr.strip())
+        with open(os.path.join(ROOT, policy)) as fh:
+            search = json.load(fh)
+        search = dict(search, evaluations=len(search["evaluations"]))
+        text = policy_text(search["policy"])
+        for other, r in records.items():  # the same policy, parent, seed and schedule: the same network
+            if r.get("kind") in ("static", "searched") and "same_as" not in r and "test" in r and r["seed"] == 0 \
+                    and r["iters"] == ARM_ITERS and r["parent"] == parent and policy_text(r.get("policy", "")) == text:
+                return dict(base, search=search, policy=text, same_as=other,
+                            **{k: r[k] for k in ("checkpoint", "val", "test")})
+        flags = ["--policy", policy, "--beta", "0", "--seed", "0", "--iters", str(ARM_ITERS), "--lr-steps", "2250",
+                 "--eval-every", str(ARM_ITERS)]
+        return dict(base, search=search, policy=text, **self.train_final(name, parent, flags))
 
     def go(self):
-        for tier, name, kind, fields in plan():
-            if name in self.records() or not self.claim(name):
-                continue
-            try:
-                if name in self.records():  # finished by the other lane since the check above
+        """Run the plan's next runnable run until none is left; wait while the other lane runs a dependency."""
+        while True:
+            records, waiting, allowed = self.records(), False, self.tier_a_allows()
+            for tier, name, kind, fields, needs in plan():
+                if name in records or (tier != "A" and not allowed):
                     continue
-                t = time.time()
-                print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                record = self.run(name, kind, fields, self.records())
-                self.save(name, dict(record, tier=tier, code_commit=code_commit(),
-                                     torch_threads=int(one_thread_env()["OMP_NUM_THREADS"]),
-                                     device="cpu", finished=time.strftime("%Y-%m-%d %H:%M:%S")))
-                print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
-            finally:
-                self.release(name)
+                if any(n not in records for n in needs):
+                    waiting = True
+                    continue
+                if not self.claim(name):
+                    waiting = True
+                    continue
+                try:
+                    if name in self.records():  # finished by the other lane since the check above
+                        break
+                    t = time.time()
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+                    record = self.run(name, kind, fields, self.records())
+                    self.save(name, dict(record, tier=tier, code_commit=code_commit(),
+                                         torch_threads=int(one_thread_env()["OMP_NUM_THREADS"]),
+                                         device="cpu", finished=time.strftime("%Y-%m-%d %H:%M:%S")))
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
+                finally:
+                    self.release(name)
+                break  # the records changed: start again from the top of the plan
+            else:
+                if not waiting:
+                    if not allowed:
+                        print("tier A's certificate fails at both lengths: tiers B-E wait for an amendment of "
+                              "PLAN.md (its decision rule)")
+                    return
+                time.sleep(30)
+
+    def tier_a_allows(self):
+        """False once tier A is complete and its certificate fails at both lengths (the plan's decision rule)."""
+        try:
+            from study import round4_analysis
+        except ImportError:
+            return True
+        records = self.records()
+        _, verdicts = round4_analysis.tier_a(records, round4_analysis.round3_runs())
+        return any(v[3] != "fails" for v in verdicts.values())
 
 
 def main():

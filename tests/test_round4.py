@@ -400,3 +400,102 @@ def test_a_routed_run_and_its_evaluation_end_to_end(tmp_path, monkeypatch, capsy
     assert result["routes"] == {"marked": ["skip"] * 8, "unmarked": ["skip", "skip"] + ["8-bit"] * 6}
     assert result["routing"]["halves"]["unmarked"]["computation_percentage"] == 4.6875
     assert result["computation_percentage"] == pytest.approx(4.6875 / 2)
+
+
+# ----------------------------------------------------------------------------- the study's rules (PLAN.md)
+
+def t_p_two_df(diffs):
+    """Two-sided one-sample t-test p for 3 values, from the closed form of Student's t with 2 df:
+    CDF(t) = 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - |t| / sqrt(2 + t^2)."""
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    t = mean / (sd / math.sqrt(n))
+    return 1 - abs(t) / math.sqrt(2 + t * t)
+
+
+def test_the_certificate_rule_is_holm_over_the_two_lengths_and_every_seed_positive():
+    from study.round4_analysis import certificate
+    strong, weak = [1.0, 1.1, 1.2], [0.5, -0.1, 0.2]
+    out = certificate({300: strong, 3000: weak})
+    p1, p2 = t_p_two_df(strong), t_p_two_df(weak)
+    assert p1 < p2 and out[300][1] == pytest.approx(p1, rel=1e-6) and out[3000][1] == pytest.approx(p2, rel=1e-6)
+    assert out[300][2] == pytest.approx(2 * p1, rel=1e-6) and out[3000][2] == pytest.approx(max(2 * p1, p2), rel=1e-6)
+    assert 2 * p1 < 0.05 and (out[300][3], out[3000][3]) == ("holds", "fails")
+    # as strong a t, but one seed negative: the rule needs every seed positive
+    assert certificate({300: [-0.1, 3.0, 3.1], 3000: strong})[300][3] == "fails"
+    assert certificate({300: strong[:2], 3000: strong})[300][3] == "2 of 3 seeds: not complete"
+
+
+def pilot_records(cps):
+    from study import round4
+    return {round4.pilot_name(term, w): {"weight": w, "term": term, "val": {"computation_percentage": cp}}
+            for (term, w), cp in cps.items()}
+
+
+def test_the_weight_rule_takes_the_smallest_binding_weight_else_the_largest():
+    from study import round4
+    t = float(round4.TARGET)
+    records = pilot_records({("signed", "0.001"): 10.0, ("signed", "0.01"): 1.1 * t, ("signed", "0.1"): 1.0,
+                             ("squared", "10"): 9.0, ("squared", "100"): 8.0, ("squared", "1000"): 1.1 * t + 0.01})
+    assert round4.select_weight(records, "signed") == "pilot_signed_w0.01_s0"  # 1.1 x target binds; 0.1 too
+    assert round4.select_weight(records, "squared") == "pilot_squared_w1000_s0"  # none binds: the largest
+
+
+def test_tier_c_takes_the_widest_gap_else_squared():
+    from study import round4
+
+    def arm(marked, unmarked, acc):
+        return {"val": {"acc": acc, "routing": {"halves": {"marked": {"computation_percentage": marked},
+                                                           "unmarked": {"computation_percentage": unmarked}}}}}
+    records = {"b_signed_s0": arm(1.0, 3.0, 80.0), "b_squared_s0": arm(2.0, 2.5, 90.0),
+               "b_deadband_s0": arm(0.5, 2.5, 85.0)}
+    assert round4.select_gumbel_arm(records) == "b_deadband_s0"  # gaps 2.0, 0.5, 2.0: the tie goes to top-1
+    records["b_deadband_s0"] = arm(1.0, 1.9, 99.0)
+    assert round4.select_gumbel_arm(records) == "b_signed_s0"
+    records["b_signed_s0"] = arm(1.0, 1.9, 99.0)
+    assert round4.select_gumbel_arm(records) == "b_squared_s0"  # no gap reaches 1 point
+
+
+def test_the_pass_criterion_needs_the_gap_the_information_and_the_static_top1():
+    from study.round4_analysis import verdict
+    from study.significance import pack_bits
+
+    def test_record(correct, marked=0.0, unmarked=4.0, bits=(0.9,) * 4 + (0.0,) * 4):
+        return {"accuracy": 100 * sum(correct) / len(correct), "num_samples": len(correct),
+                "correct_bits": pack_bits(torch.tensor(correct)),
+                "routing": {"halves": {"marked": {"computation_percentage": marked},
+                                       "unmarked": {"computation_percentage": unmarked}},
+                            "mark_information_bits": list(bits)}}
+    static = {"test": test_record([True, True, False, False])}
+    gap, blocks, diff, _, passes = verdict({"test": test_record([True, True, True, False])}, static)
+    assert (gap, blocks, diff, passes) == (4.0, 4, 25.0, True)
+    assert verdict({"test": test_record([True, True, False, False], unmarked=2.9)}, static)[4] is False  # gap 2.9
+    assert verdict({"test": test_record([True, True, False, False], bits=(0.9,) * 3 + (0.49,) * 5)}, static)[4] is False
+    assert verdict({"test": test_record([True, False, False, False])}, static)[4] is False  # below static
+    assert verdict({"test": test_record([True, True, False, False])}, None)[4] is None  # no static yet
+
+
+def test_tiers_b_to_e_do_not_run_when_the_certificate_fails_at_both_lengths(tmp_path, monkeypatch, capsys):
+    """Tier A complete with the oracle no better than static (its records are the statics' own): the
+    plan's decision rule stops the study before any tier-B run."""
+    from study import round4, round4_analysis
+    r3 = round4_analysis.round3_runs()
+    study = round4.Round4(str(tmp_path / "out"), str(tmp_path / "runs"))
+    for s in round4.SEEDS:
+        static = r3[f"static_of_dfs_marked_cp3.0_s{s}"]
+        for name in (f"oracle_300_s{s}", f"oracle_3000_s{s}", f"static_3000_s{s}"):
+            study.save(name, dict(static, name=name))
+    monkeypatch.setattr(round4.Round4, "run", lambda *a: pytest.fail("a run started after a failed certificate"))
+    study.go()
+    assert "certificate fails at both lengths" in capsys.readouterr().out
+    _, verdicts = round4_analysis.tier_a(study.records(), r3)
+    assert [v[3] for v in verdicts.values()] == ["fails", "fails"]
+
+
+def test_every_run_of_the_plan_comes_after_the_runs_it_needs():
+    from study import round4
+    seen = set()
+    for tier, name, kind, fields, needs in round4.plan():
+        assert set(needs) <= seen, name
+        seen.add(name)
+    assert len(seen) == len(round4.plan())

@@ -201,3 +201,36 @@ def test_a_round_3_checkpoint_reproduces_its_record(name, tmp_path):
     """Per-option BN (rebuilt from the file's model config) and the marked data set re-evaluate too."""
     record = round3_records()[name]["test"]
     assert_reproduces(reevaluate(record["checkpoint"], tmp_path, "--dataset", record["dataset"]), record)
+
+
+ROUND4 = os.path.join(ROOT, "results", "fashion-mnist-round4")
+
+
+def round4_records():
+    with open(os.path.join(ROUND4, "results.json")) as f:
+        return json.load(f)["runs"]
+
+
+def test_round_4_records_name_files_of_the_repository_and_results_md_is_generated_from_them(tmp_path):
+    """Every checkpoint a round-4 record names exists in the repository; results.md is what the
+    analysis writes from the records (and round 3's, for the 300-iteration statics)."""
+    from study import round4_analysis
+    runs = round4_records()
+    for name, r in runs.items():
+        for path in (r.get("checkpoint"), (r.get("test") or {}).get("checkpoint")):
+            if path is not None:
+                assert not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)), (name, path)
+    assert {f"oracle_{n}_s{s}" for n in (300, 3000) for s in (0, 1, 2)} <= set(runs)
+    round4_analysis.write(runs, str(tmp_path))
+    with open(os.path.join(ROUND4, "results.md")) as f:
+        assert (tmp_path / "results.md").read_text() == f.read(), "results.md is stale: python study/round4.py --analyse-only"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_here(), reason="Fashion-MNIST is not on this machine")
+def test_a_round_4_oracle_reproduces_its_record_with_its_routing(tmp_path):
+    """The oracle's fixed per-input routing is in its file: eval.py applies it without flags."""
+    record = round4_records()["oracle_300_s0"]["test"]
+    got = reevaluate(record["checkpoint"], tmp_path)
+    assert_reproduces(got, record)
+    assert got["routes"] == record["routes"] and got["routing"]["halves"] == record["routing"]["halves"]

@@ -283,6 +283,29 @@ class Batches:
         self.epoch, self.batch = epoch, batch
 
 
+def preprocess(images, dataset):
+    """Raw images as they come -> the network's input, exactly as the evaluation pipeline makes it.
+
+    images: uint8, [N, H, W] or [N, C, H, W] (C = 1 or 3); Fashion-MNIST's [N, 1, 28, 28] (or
+    [N, 28, 28]) is zero-padded to 32 x 32 and its grey channel repeated three times, as `load_arrays`
+    does; then x / 255 is normalised with the data set's mean and std. Returns float32 [N, 3, 32, 32]
+    on the images' device (a marked data set's frame is drawn by the data set, not here).
+    """
+    if dataset not in MEAN_STD:
+        raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+        raise ValueError(f"expected uint8 images [N, H, W] or [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    x = images.unsqueeze(1) if images.dim() == 3 else images
+    if x.shape[-2:] == (28, 28):
+        x = F.pad(x, (2, 2, 2, 2))
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    if x.shape[1:] != (3, 32, 32):
+        raise ValueError(f"expected 28 x 28 or 32 x 32 images with 1 or 3 channels, got {list(images.shape)}")
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in MEAN_STD[dataset])
+    return (x.float() / 255 - mean) / std
+
+
 def infinite(batches):
     """Endless stream of batches, epoch after epoch; create it once and call next() on it."""
     while True:

@@ -18,7 +18,7 @@ import torch
 
 import data
 from core import distributed, int8
-from core.errors import CheckpointError, DFSError, UserError
+from core.errors import CheckpointError, DFSError, UserError, value_error
 from core.evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
 from core.plots import plot
 from models import build_model
@@ -45,10 +45,14 @@ def evaluate_checkpoint(path, args):
     if args.route_marked is not None:
         apply_routes(model, path, dataset, args)
     per_image = args.per_image or args.controls or bool(args.recalibrate)
-    stats = evaluate(model, batches, per_image=per_image, marked=dataset in data.MARKED)
+    stats = evaluate(model, progress(batches, path), per_image=per_image, marked=dataset in data.MARKED)
+    low, high = accuracy_interval(stats["acc"], stats["num_samples"])
     if distributed.is_main():
-        print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}")
-    record = {"accuracy": stats["acc"], "computation_percentage": stats.get("computation_percentage", 100.0),
+        print(f"== {path} ({ckpt['arch']}, {dataset})\n{format_report(stats, getattr(model, 'option_names', None))}\n"
+              f"95 % interval of the top-1 (Wilson score on the {stats['num_samples']} test images): "
+              f"[{low:.2f}, {high:.2f}] %")
+    record = {"accuracy": stats["acc"], "interval_95": [round(low, 4), round(high, 4)],
+              "computation_percentage": stats.get("computation_percentage", 100.0),
             "option_names": getattr(model, "option_names", ["full"]),
             "decision_distribution": stats.get("decision_distribution"),
             "bitops_percentage": stats.get("bitops_percentage", 100.0),
@@ -83,6 +87,14 @@ def evaluate_checkpoint(path, args):
         record["controls"] = {name: control_record(model, batches, force, name, stats["computation_percentage"])
                               for name, force in controls(stats["choices"], args.control_seed, model).items()}
     return record
+
+
+def progress(batches, path):
+    """`batches`, with a progress bar on a terminal (process 0; nothing in a log or a pipe)."""
+    if not (sys.stderr.isatty() and distributed.is_main()):
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, total=len(batches), desc=os.path.basename(path), leave=False, unit="batch")
 
 
 def apply_routes(model, path, dataset, args):
@@ -209,15 +221,17 @@ def table(records):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+")
-    p.add_argument("--dataset", choices=data.DATASETS, help="default: the one the checkpoint was trained on")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pth or .pth.tar; a run's or a released one)")
+    p.add_argument("--dataset", choices=data.DATASETS, help="the test set (default: the one the checkpoint was "
+                                                            "trained on)")
+    p.add_argument("--data-dir", default="data", help="where the data set is (or is downloaded to)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data set")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (the figures do not depend on it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--json", help="write the results here (a list when several checkpoints)")
-    p.add_argument("--plot-dir", help="write the PNG plots here (default with several checkpoints: eval_plots)")
+    p.add_argument("--plot-dir", help="write the PNG plots here (with several checkpoints, default eval_plots)")
     p.add_argument("--per-image", action="store_true",
                    help="store which images each model got right (for study/significance.py), one process")
     p.add_argument("--controls", action="store_true",
@@ -242,28 +256,32 @@ def main(argv=None):
                    help="also measure eval time with the gate's decisions on the first test batch against the "
                         "plain ResNet with the same weights (NCHW and channels_last), at that batch size and at 1 "
                         "(round-robin medians)")
-    p.add_argument("--time-repeats", type=int, default=5)
+    p.add_argument("--time-repeats", type=int, default=5, help="--time: timed repetitions per configuration")
     p.add_argument("--int8", action="store_true",
                    help="run the 8-bit option through oneDNN's int8 convolution (CPU; core/int8.py): the same codes, "
                         "results equal to the fake-quantized ones up to fp32 rounding (a departure, off by default)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
-        p.error("--batch-size must be positive")
+        value_error(p, "--batch-size must be positive")
     if (args.route_marked is None) != (args.route_unmarked is None):
-        p.error("--route-marked and --route-unmarked go together: one policy for each half")
+        value_error(p, "--route-marked and --route-unmarked go together: one policy for each half")
     if args.int8 and int8.unavailable(args.device):
-        p.error(int8.unavailable(args.device))
+        value_error(p, int8.unavailable(args.device))
     args.int8_fused = args.int8 and int8.can_compile()
     if args.int8 and not args.int8_fused:
         print("--int8: no C++ compiler for torch.compile, so its elementwise steps run unfused (slower)")
     args.plot_dir = args.plot_dir or ("eval_plots" if len(args.checkpoints) > 1 else None)
+    fallback = None if any(a == "--device" or a.startswith("--device=") for a in argv or sys.argv[1:]) \
+        else distributed.cpu_fallback_warning(args.device)
+    if fallback:
+        print(fallback, file=sys.stderr)
     prepare_outputs(p, args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with distributed.session():
         try:
             args.device = distributed.init(args.device)  # this process's own GPU under torchrun
         except ValueError as e:
-            p.error(str(e))
+            value_error(p, str(e))
         try:
             records = [evaluate_checkpoint(path, args) for path in args.checkpoints]
         except DFSError as e:  # CheckpointError, DatasetError, UserError
@@ -276,20 +294,23 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+    if args.json:
+        print(f"wrote {args.json}")
     if args.plot_dir:
         plot(records, args.plot_dir)
+        print(f"wrote the plots to {args.plot_dir}/")
     return 0
 
 
 def prepare_outputs(p, args):
     """Create the folders of --json and --plot-dir before a long evaluation; usage error if they cannot be."""
     if args.json and os.path.isdir(args.json):
-        p.error(f"--json {args.json} is a folder, not a file name")
+        value_error(p, f"--json {args.json} is a folder, not a file name")
     for flag, folder in (("--json", os.path.dirname(args.json or "")), ("--plot-dir", args.plot_dir)):
         try:
             os.makedirs(folder or ".", exist_ok=True)
         except OSError as e:
-            p.error(f"{flag}: cannot create the folder {folder}: {e.strerror or e}")
+            value_error(p, f"{flag}: cannot create the folder {folder}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

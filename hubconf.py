@@ -2,16 +2,23 @@
 
     torch.hub.load("path/to/repository", "dfs_cp20_s0", source="local")          # released weights, eval mode
     torch.hub.load("path/to/repository", "dfs_resnet38", source="local", num_classes=100, options="paper")
+    prep = torch.hub.load("path/to/repository", "transform", source="local")     # raw uint8 images -> input
+
+A gated model (dfs_*) returns (logits [N, classes], decisions [N, gated blocks, options], one-hot);
+a plain ResNet returns logits. Every model takes float [N, 3, 32, 32] images normalised as its data
+set: `transform(dataset)` makes that from raw uint8 images (Fashion-MNIST's [N, 1, 28, 28] included).
 
 An architecture's entry point takes num_classes, options and the other arguments of
 models.build_model. A checkpoint's entry point (one per row of docs/model_zoo.json) reads its file
 from this repository with weights only (core.evaluation.load_model, after checking the file's sha256) and
 returns the model on `device` in eval mode; pretrained=False gives the same network untrained.
 """
+import functools as _functools
 import hashlib as _hashlib
 import json as _json
 import os as _os
 
+import data as _data
 import models as _models
 from core import evaluation as _evaluation
 from core.checkpoint import load_checkpoint as _load_checkpoint
@@ -19,6 +26,22 @@ from core.checkpoint import load_checkpoint as _load_checkpoint
 dependencies = ["torch"]
 
 _ROOT = _os.path.dirname(_os.path.abspath(__file__))
+
+
+_INPUT = "Input: float [N, 3, 32, 32], normalised as its data set (transform(dataset) makes it from uint8 images)."
+
+
+def _output(arch):
+    if arch.startswith("dfs_") or "_rnn_gate_" in arch:
+        return "Returns (logits [N, classes], decisions [N, gated blocks, options], one-hot)."
+    return "Returns logits [N, classes]."
+
+
+def transform(dataset="fashion-mnist"):
+    """The released weights' input recipe as a function: raw uint8 images ([N, 1, 28, 28], [N, 28, 28] or [N, 3, 32, 32]) -> float [N, 3, 32, 32] exactly as the evaluation pipeline makes them (28 x 28 zero-padded to 32, grey repeated over 3 channels, x / 255 normalised with the data set's mean and std); dataset: fashion-mnist (the released weights), cifar10, cifar100, ...; use: logits, decisions = model(transform()(images))."""  # noqa: E501
+    if dataset not in _data.MEAN_STD:
+        raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(_data.DATASETS)}")
+    return _functools.partial(_data.preprocess, dataset=dataset)
 
 
 def _architecture(name):
@@ -29,8 +52,8 @@ def _architecture(name):
         return _models.build_model(name, num_classes, options, **kwargs)
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (f"{name}, untrained: build_model({name!r}, num_classes, options, **kwargs)"
-                     + (" (options: skip, bitwidths, full; default: the released code's)." if name.startswith("dfs_")
-                        else " (a plain CIFAR ResNet)."))
+                     + (" (options: skip, bitwidths, full; default: the released code's). " if name.startswith("dfs_")
+                        else " (a plain CIFAR ResNet). ") + _output(name) + " " + _INPUT)
     return entry
 
 
@@ -49,7 +72,8 @@ def _checkpoint(row):
                f"at {t['computation_percentage']:.2f} % computation" if t else "a stage-2 gate, not evaluated on test")
     entry.__name__ = entry.__qualname__ = row["hub"]
     entry.__doc__ = (f"{row['arch']} on {row['dataset']}, options {', '.join(row['options'])}, {row['method']}: "
-                     f"{figures} ({row['file']}).")
+                     f"{figures} ({row['file']}). {_output(row['arch'])} Input: float [N, 3, 32, 32] normalised as "
+                     f"{row['dataset']}; transform({row['dataset']!r}) makes it from raw uint8 images.")
     return entry
 
 

@@ -76,7 +76,8 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "model_config", "args")
+RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "model_config", "args",
+                "provenance")
 
 
 def export_weights(src, dst):

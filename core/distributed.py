@@ -34,6 +34,20 @@ def error_prefix():
     return f"(process {rank()}) " if world_size() > 1 else ""
 
 
+def cpu_fallback_warning(device):
+    """One warning line when CUDA_VISIBLE_DEVICES asks for a GPU (as scripts/*.sh do) but CUDA cannot be
+    used, so the default device became the CPU; else None. The reason is CUDA's own first line."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if torch.device(device).type != "cpu" or not visible or torch.cuda.is_available():
+        return None
+    try:
+        torch.empty(0, device="cuda")
+        reason = "no usable GPU"
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"warning: CUDA_VISIBLE_DEVICES={visible} is set but CUDA cannot be used here ({reason}); running on the CPU"
+
+
 def init(device):
     """Join torchrun's process group when it started several processes; returns this process's device.
 

@@ -9,8 +9,10 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -226,6 +228,22 @@ class Interrupt:
             signal.signal(s, h)
 
 
+def provenance():
+    """{code_commit, torch, python}: the git commit of this checkout (with "-dirty" when tracked files
+    differ from it; None outside a git checkout) and the versions that ran."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def git(*cmd):
+        try:
+            out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {"code_commit": commit, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
 class Run:
     """The mutable state of one training run, and how it is saved."""
 
@@ -240,6 +258,7 @@ class Run:
         # formulation), so DDP need not search the graph for unused parameters.
         self.wrapped = distributed.wrap(model, find_unused_parameters=False)
         self.forward_kwargs = {"execution": args.execution} if stage.gated else {}
+        self.provenance = provenance()  # the code and torch that trained it, in args.json and every checkpoint
 
     def checkpoint(self):
         """Everything needed to continue exactly, as tensors and plain data (every process calls it)."""
@@ -254,7 +273,7 @@ class Run:
                 "model_config": config,  # and, for older readers, its three keys of format 1:
                 "arch": config["name"], "num_classes": model.num_classes, "options": config["options"],
                 "args": vars(self.args), "data_state": self.train_batches.state_dict(),
-                "rng": rng_state(), "world_size": distributed.world_size(),
+                "rng": rng_state(), "world_size": distributed.world_size(), "provenance": self.provenance,
                 **({"rng_by_rank": distributed.all_gather(rng_state())} if distributed.world_size() > 1 else {})}
 
     def restore(self, ckpt):
@@ -283,6 +302,22 @@ class Run:
                 with runfolder.writing(path):
                     save_checkpoint(ckpt, path)
         distributed.barrier()  # no process goes on (or exits) before the checkpoint is on disk
+
+
+def own_run(args, ckpt, given):
+    """A continued run keeps its own --iters and run folder unless they are given: returns (args, the
+    run's own iterations if a larger --iters extends it, else None). The run folder is the checkpoint's
+    own when the checkpoint lies in one (SAVE_FOLDER/ARCH/...), so a bare --resume never starts a copy."""
+    args, saved = argparse.Namespace(**vars(args)), ckpt.get("args") or {}
+    extending = None
+    if "iters" not in given and "iters" in saved:
+        args.iters = saved["iters"]
+    elif "iters" in saved and args.iters > saved["iters"]:
+        extending = saved["iters"]
+    here = os.path.dirname(os.path.abspath(args.resume))
+    if "save_folder" not in given and os.path.basename(here) == args.arch:
+        args.save_folder = os.path.dirname(here)
+    return args, extending
 
 
 def check_continuable(ckpt, where):
@@ -452,10 +487,17 @@ def run_stage(stage, args, given=frozenset()):
     `given`: the arguments set on the command line; a continued run takes the others from its checkpoint.
     """
     ckpt = load_checkpoint(args.resume) if args.resume else None
+    extending = None  # the run's own --iters, when a larger one given extends it
     if args.cmd == "train" and ckpt is not None and ckpt["stage"] == stage.name:
         args = continue_run(args, ckpt.get("args") or {}, given, args.resume)
+        args, extending = own_run(args, ckpt, given)
+    if args.cmd == "test" and ckpt is not None and "dataset" not in given:  # as eval.py: the data it was trained on
+        args = argparse.Namespace(**{**vars(args), "dataset": (ckpt.get("args") or {}).get("dataset") or args.dataset})
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    fallback = None if "device" in given else distributed.cpu_fallback_warning(args.device)
+    if fallback:
+        print(fallback, file=sys.stderr)
     try:
         device = distributed.init(args.device)  # this process's own GPU under torchrun
     except ValueError as e:
@@ -471,6 +513,8 @@ def run_stage(stage, args, given=frozenset()):
         if ckpt is None:
             raise UserError("test needs --resume CHECKPOINT")
         return report_test(model, args, share)
+    if extending is not None and distributed.is_main():
+        print(f"extending the run of {args.resume} from {extending} to {args.iters} iterations")
     if continuing and ckpt.get("step", 0) >= args.iters:  # finished: said before data and optimizer are built
         check_continuable(ckpt, args.resume)
         if main_process:
@@ -501,7 +545,9 @@ def run_stage(stage, args, given=frozenset()):
         return train(run, loss_fn, eval_batches, split, None)
     with runfolder.claim(run.folder, resume=args.resume if continuing else None, step=run.step,
                          overwrite=args.overwrite) as folder:
-        folder.write_text(runfolder.ARGS, json.dumps(vars(args), indent=2))
+        if extending is not None:  # the finished run's settings stay readable beside the extension's
+            folder.keep_args(extending)
+        folder.write_text(runfolder.ARGS, json.dumps({**vars(args), "provenance": run.provenance}, indent=2))
         where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
         if distributed.world_size() > 1:
             where += f" x {distributed.world_size()} processes"

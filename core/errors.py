@@ -53,3 +53,9 @@ class WriteError(DFSError):
     def __str__(self):
         reason = self.error.strerror or str(self.error) or type(self.error).__name__
         return f"cannot write {self.path}: {reason}" + (f"; {self.hint}" if self.hint else "")
+
+
+def value_error(parser, message):
+    """A value the command cannot use, though its syntax parsed: one line and exit status 2 (argparse's
+    `error`, which prints the whole usage first, stays for syntax errors)."""
+    parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")

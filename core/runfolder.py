@@ -1,7 +1,8 @@
 """Run folders: one run per folder, one writer at a time, write failures in one line.
 
 A run folder (SAVE_FOLDER/ARCH) holds exactly one training run: checkpoint_latest.pth.tar,
-model_best.pth.tar, log.jsonl, args.json and TensorBoard events. `claim` hands it to one
+model_best.pth.tar, log.jsonl, args.json (and, for a run extended past its first --iters,
+args.until-ITERS.json: its settings before) and TensorBoard events. `claim` hands it to one
 training process: it creates the folder and test-writes it, takes an advisory lock (flock; the
 OS drops it when the process dies, so a crash never leaves the folder locked), refuses to start
 a second run over an existing one unless told to overwrite it, and, when a run continues, drops
@@ -23,6 +24,7 @@ TRAIN_LOG, TEXT_LOG, PLOT = "train.jsonl", "train.log", "training.png"  # per lo
 EVENTS = "events.out.tfevents.*"
 LOCK = ".lock"
 TEMPORARY = ".tmp-*"  # checkpoint.save_checkpoint's temporary files
+EARLIER_ARGS = "args.until-{}.json"  # an extended run's settings up to its earlier end
 
 
 @contextlib.contextmanager
@@ -103,7 +105,8 @@ def matching(folder, pattern):
 def run_files(folder):
     """The files of a run (checkpoints, log, args, TensorBoard events, stale temporary files)."""
     names = [os.path.join(folder, n) for n in (LATEST, BEST, LOG, ARGS, TRAIN_LOG, TEXT_LOG, PLOT)]
-    return [p for p in names if os.path.exists(p)] + matching(folder, EVENTS) + matching(folder, TEMPORARY)
+    return [p for p in names if os.path.exists(p)] + matching(folder, EARLIER_ARGS.format("*")) + \
+        matching(folder, EVENTS) + matching(folder, TEMPORARY)
 
 
 def truncate_log(folder, step):
@@ -203,6 +206,13 @@ class RunFolder:
         path = os.path.join(self.folder, name)
         with writing(path), open(path, "w") as f:
             f.write(text)
+
+    def keep_args(self, iters):
+        """Before an extension rewrites args.json: keep the run's settings as args.until-ITERS.json (once)."""
+        path, kept = os.path.join(self.folder, ARGS), os.path.join(self.folder, EARLIER_ARGS.format(iters))
+        if os.path.exists(path) and not os.path.exists(kept):
+            with writing(kept):
+                os.replace(path, kept)
 
     def summary_writer(self, purge_step=None):
         """A TensorBoard writer whose write failures are WriteErrors naming its event file."""

@@ -8,7 +8,7 @@ import math
 import torch
 
 import data
-from core.errors import UserError
+from core.errors import UserError, value_error
 from models import is_gated, parse_options, resolve_name
 from models.dfs_resnet import EXECUTIONS
 from models.norms import BN_MODES
@@ -148,7 +148,7 @@ def parse_args(stage, argv=None):
     try:
         return validate_args(stage, p.parse_args(argv))
     except ValueError as e:
-        p.error(str(e))
+        value_error(p, str(e))
 
 
 def given_args(stage, argv=None):
@@ -215,6 +215,9 @@ def validate_args(stage, args):
     for refused, message in authors.values():
         if refused:
             raise ValueError(message)
+    for name in ("proceed", "computation_cost"):  # the authors' "True"/"False" strings, kept as booleans
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, getattr(args, name) == "True")
     if args.val_size < 0:
         raise ValueError("--val-size must be >= 0")
     for name in ("lr", "momentum", "weight_decay", "step_ratio", "cost_weight"):

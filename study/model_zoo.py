@@ -20,13 +20,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from core.checkpoint import load_checkpoint  # noqa: E402
-from models.cost import option_names  # noqa: E402
+from core.evaluation import model_config, model_from_config  # noqa: E402
 from core.intervals import accuracy_interval  # noqa: E402
+from models.cost import option_names  # noqa: E402
+from models.dfs_resnet import module_macs  # noqa: E402
 
 ROUND1, ROUND2, ROUND3 = "results/fashion-mnist", "results/fashion-mnist-dynamic", "results/fashion-mnist-round3"
 TIMES = {"fp32": ["docs/measured-time-fashion-mnist.json", "docs/measured-time-fashion-mnist-dynamic.json"],
          "int8": ["docs/measured-time-fashion-mnist-int8.json"]}
 MARKDOWN, JSON = "docs/model_zoo.md", "docs/model_zoo.json"
+# The "start here" rows: the backbone, DFS at three targets, SkipNet-style skipping, static 8 bits, the best
+# per-option-BN row (round 3's most accurate DFS network below 1.5 % computation)
+START_HERE = ("backbone", "dfs_cp10_s0", "dfs_cp20_s0", "dfs_cp50_s0", "skipnet_cp20_s0", "static-8_s0",
+              "dfs_po_lowbit_cp1.2_s1")
+SCRIPTS = {"base": "train_base.py", "gate_init": "train_gate_init.py", "dfs": "train_dfs.py"}
+NOT_IN_COMMAND = {"cmd", "arch", "device", "data_dir", "download", "print_freq", "workers", "verbose", "tf32",
+                  "overwrite", "options", "bn"}  # where it ran, not what it trained (options: said below)
 
 
 def read(path):
@@ -163,8 +172,10 @@ def build():
         options = option_names(ckpt.get("options") or ["full"])
         if r.pop("record_options") not in (None, options):
             raise ValueError(f"{r['file']}: its options {options} are not its record's")
+        params, macs = size_of(ckpt)
         rows.append(dict(r, hub=hub_name(r["name"]), dataset=(ckpt.get("args") or {}).get("dataset"),
                          arch=ckpt["arch"], options=options, measured_time_percentage=times.get(r["file"], {}),
+                         parameters=params, full_macs=macs, command=command(ckpt),
                          size_bytes=os.path.getsize(os.path.join(ROOT, r["file"])), sha256=sha256(r["file"])))
     for problem, names in (("released without a record", set(files) - {r["file"] for r in rows}),
                            ("timed but not released", set(times) - set(files)),
@@ -172,6 +183,56 @@ def build():
         if names:
             raise ValueError(f"{problem}: {', '.join(sorted(names))}")
     return markdown(rows), rows
+
+
+def size_of(ckpt):
+    """(parameters, MACs per image of the network at full execution): every parameter of the file's
+    network (gate and per-option batch norms included); MACs of every convolution and the classifier."""
+    model = model_from_config(model_config(ckpt))
+    return sum(p.numel() for p in model.parameters()), int(sum(module_macs(model).values()))
+
+
+def repository_path(path):
+    """A path as the repository sees it: one inside a study's run folder (`.../runs/...`) from runs/."""
+    path = str(path)
+    if not os.path.isabs(path):
+        return path
+    return "runs/" + path.split("/runs/", 1)[1] if "/runs/" in path else os.path.basename(path)
+
+
+def command(ckpt):
+    """The stage command that trained a checkpoint, from the arguments stored in it: its script, network
+    and every flag whose value is not the stage's default (paths relative to the repository)."""
+    from core.settings import build_parser
+    import train_base
+    import train_dfs
+    import train_gate_init
+    stage = {"base": train_base, "gate_init": train_gate_init, "dfs": train_dfs}[ckpt["stage"]].STAGE
+    args = ckpt.get("args") or {}
+    parser = build_parser(stage)
+    defaults = vars(parser.parse_args(["train", args.get("arch", ckpt["arch"])]))
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+             for a in parser._actions if a.option_strings}
+    words = [f"python {SCRIPTS[ckpt['stage']]} train {args.get('arch', ckpt['arch'])}"]
+    for dest, flag in flags.items():
+        if dest in NOT_IN_COMMAND or dest not in args or args[dest] == defaults.get(dest) or dest == "help":
+            continue
+        value = args[dest]
+        if value is True:
+            words.append(flag)
+        elif value is False or value is None or value == "":  # (0.0 == False: compared by identity)
+            continue
+        elif dest == "policy" and isinstance(value, list):
+            words.append(f"{flag} {','.join(str(o).removesuffix('-bit') for o in value)}")
+        elif isinstance(value, list):
+            words.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            words.append(f"{flag} {repository_path(value) if dest in ('resume', 'save_folder') else value}")
+    if ckpt["stage"] != "base" and args.get("options") is not None:
+        words.append(f"--options {','.join(str(o) for o in args['options'])}")
+    if args.get("bn") not in (None, "shared"):
+        words.append(f"--bn {args['bn']}")
+    return " ".join(words)
 
 
 def short(options):
@@ -194,46 +255,93 @@ def what_and_also(r):
     return what(r) + (f"; also recorded as {', '.join(r['also'])}" if r["also"] else "")
 
 
+def figures(r):
+    """(top-1 with its interval, computation %) of a row, as the tables print them."""
+    if "test" in r:
+        t = r["test"]
+        return (f"{t['top1']:.2f} [{t['interval_95'][0]:.2f}, {t['interval_95'][1]:.2f}]",
+                f"{t['computation_percentage']:.2f}")
+    return f"- (val {r['val']['top1']:.2f})", f"- (val {r['val']['computation_percentage']:.2f})"
+
+
 def markdown(rows):
-    lines = [HEADER,
+    by_name = {r["name"]: r for r in rows}
+    start = ["| entry point | what it is | test top-1 % [95 % interval] | computation % |", "|---|---|---|---:|"]
+    for name in START_HERE:
+        r = by_name[name]
+        top1, cp = figures(r)
+        start.append(f"| [`{r['hub']}`](../{r['file']}) | {what(r)} ({short(r['options'])}) | {top1} | {cp} |")
+    lines = [HEADER.format(start_here="\n".join(start)),
              "| entry point (file) | data set | network | options | method: target or policy "
-             "| test top-1 % [95 % interval] | computation % | measured time %, batch 128 / 1 | size (bytes) | sha256 (first 12) | made by |",
-             "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
+             "| test top-1 % [95 % interval] | computation % | measured time %, batch 128 / 1 | parameters / MACs (M) "
+             "| size (bytes) | sha256 (first 12) | made by |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        if "test" in r:
-            t = r["test"]
-            top1 = f"{t['top1']:.2f} [{t['interval_95'][0]:.2f}, {t['interval_95'][1]:.2f}]"
-            cp = f"{t['computation_percentage']:.2f}"
-        else:
-            top1, cp = f"- (val {r['val']['top1']:.2f})", f"- (val {r['val']['computation_percentage']:.2f})"
+        top1, cp = figures(r)
         fp32 = r["measured_time_percentage"].get("fp32")
         measured = f"{fp32['batch_128']:.1f} / {fp32['batch_1']:.1f}" if fp32 else "-"
         made_by = f"`{r['made_by'].removeprefix('python ')}`"
+        size = f"{r['parameters'] / 1e6:.3f} / {r['full_macs'] / 1e6:.2f}"
         lines.append(f"| [`{r['hub']}`](../{r['file']}) | {r['dataset']} | {r['arch']} | {short(r['options'])} | "
-                     f"{what_and_also(r)} | {top1} | {cp} | {measured} | {r['size_bytes']} | `{r['sha256'][:12]}` | {made_by} |")
-    return "\n".join(lines) + "\n\n" + FOOTER.format(count=len(rows))
+                     f"{what_and_also(r)} | {top1} | {cp} | {measured} | {size} | {r['size_bytes']} | "
+                     f"`{r['sha256'][:12]}` | {made_by} |")
+    commands = [f"- `{r['hub']}`: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n\n" + FOOTER.format(count=len(rows), commands="\n".join(commands))
 
 
 HEADER = """# Model zoo
 
-Every released checkpoint, generated by `python study/model_zoo.py` from the studies' records
+Every released checkpoint (weights only): ResNet-20 networks trained on Fashion-MNIST by this project's
+study, none on CIFAR. Back to the [README](../README.md).
+
+## Start here
+
+{start_here}
+
+```python
+import torch
+repo = "path/to/this/repository"
+model = torch.hub.load(repo, "dfs_cp20_s0", source="local")            # eval mode, CPU (device="cuda" for a GPU)
+prep = torch.hub.load(repo, "transform", source="local")               # the input recipe, as a function
+logits, decisions = model(prep(images))   # images: uint8 [N, 1, 28, 28] (or [N, 28, 28]), as Fashion-MNIST comes
+```
+
+- **Output.** A gated network (`dfs_resnet20`: every row but the two backbones) returns `(logits, decisions)`:
+  logits `[N, 10]` and decisions `[N, 8 gated blocks, options]`, one-hot, the option each image took at
+  each block. The plain `resnet20` (`backbone`, `backbone_marked`) returns logits. `python eval.py FILE` evaluates a file.
+- **Input.** Float `[N, 3, 32, 32]`, made from Fashion-MNIST's 28 x 28 grey images by zero-padding 2 pixels
+  on each side, repeating the grey channel three times, dividing by 255 and normalising with mean 0.2860 and
+  std 0.3530 (`data.preprocess`; the hub's `transform` entry point is that function). A `*_marked_*` row
+  expects the marked data set's framed images (`data.py`).
+- **Names.** `cpN`: trained toward N % computation (the target of `--minimum`); `sN`: training seed N;
+  `dfs`: a DFS network; `skipnet`: SkipNet-style skipping (options skip and full only); `static-8`,
+  `static-16`: every block at 8 or 16 bits for every image; `static_of_X`: the static per-block policy found
+  on validation at X's cost and trained like X, its counterpart in the study; `gate`: a stage-2 checkpoint,
+  the start of stage 3; `po`: per-option batch norms (`--bn per-option`, a departure); `lowbit`: options
+  {{skip, 2, 3, 4 bits}}; `paper`: the paper's {{skip, 8, 16 bits, full}}; `marked`: trained on
+  `fashion-mnist-marked`, where half of the images carry a frame that gives their class away; `pilot`: a
+  run that chose a weight of the budget term; `backbone`: stage 1, the plain ResNet-20.
+- **`released`** in `dfs_released_cp20_s0` (method `dfs-released`) names the option set of the authors'
+  released code, {{skip, 8, 10, 12, 14, 16 bits, full}}; every file on this page is released in the other sense.
+- **Re-evaluation.** The figures are those of the 2-core CPU that made each file. On another CPU, or a
+  GPU, a row can come out a few images different (e.g. `static-8_s0` was re-evaluated at 93.01 % on another
+  machine against 92.99 % here): the convolutions' summation order differs between kernels, and a
+  fake-quantized value near a rounding boundary can fall the other way. `tests/test_results.py`
+  re-evaluates several rows bit for bit on the CPU that made them.
+
+## Every checkpoint
+
+Generated by `python study/model_zoo.py` from the studies' records
 ([round 1](../results/fashion-mnist/results.json), [round 2](../results/fashion-mnist-dynamic/results.json)
 and its [amendment 2](../results/fashion-mnist-dynamic/amendment.json), [round 3](../results/fashion-mnist-round3/results.json)), the
 [measured times](benchmarks.md#measured-time-of-the-released-checkpoints-evalpy---time-benchmarkslatency_tablepy)
 and the files themselves; `tests/test_model_zoo.py` checks that this page is what the script writes
 and that each file's size and sha256 are the ones below (all of them in [model_zoo.json](model_zoo.json)).
 The write-ups: [round 1](../results/fashion-mnist/README.md), [round 2](../results/fashion-mnist-dynamic/README.md),
-[round 3](../results/fashion-mnist-round3/README.md). Back to the [README](../README.md).
-
-Each one loads with `eval.py` (it reads the network and its options from the file), or through
-torch.hub by its entry point (the file name with `.` and `-` turned into `_`):
-
-```python
-import torch
-model = torch.hub.load("path/to/this/repository", "dfs_cp20_s0", source="local")  # eval mode, CPU
-model = torch.hub.load("path/to/this/repository", "dfs_cp20_s0", source="local", device="cuda")
-net = torch.hub.load("path/to/this/repository", "dfs_resnet38", source="local", num_classes=100, options="paper")
-```
+[round 3](../results/fashion-mnist-round3/README.md). Each file loads with `eval.py` (it reads the network
+and its options from the file), or through torch.hub by its entry point (the file name with `.` and `-`
+turned into `_`); an architecture builds untrained:
+`torch.hub.load(repo, "dfs_resnet38", source="local", num_classes=100, options="paper")`.
 
 - **test top-1 %**: on the data set's test images (10,000 for Fashion-MNIST), with its 95 % **Wilson
   score interval** on that number of images (`study.significance.wilson_interval`): the uncertainty of
@@ -244,9 +352,13 @@ net = torch.hub.load("path/to/this/repository", "dfs_resnet38", source="local", 
   same weights, on the project's 2-core CPU, at batch 128 and at batch 1
   ([how](benchmarks.md#measured-time-of-the-released-checkpoints-evalpy---time-benchmarkslatency_tablepy));
   `-` where not measured. The JSON also has the `eval.py --int8` times where measured.
+- **parameters / MACs**: every parameter of the file's network (the gate and per-option batch norms
+  included), and the multiply-accumulates per image of its convolutions and classifier at full execution;
+  the computation % says how much of the gated blocks' part a row runs, at what bitwidth.
 - **gates**: a stage-2 gate (`gate_*`) was released as the start of its stage-3 runs and evaluated on the
   5,000 validation images only; its validation figures are in parentheses.
-- **made by**: the command that trained, released and evaluated it. In round 2 the row's name is the
+- **made by**: the command that trained, released and evaluated it; the stage command itself, rebuilt
+  from the arguments stored in the file, is listed [below](#the-stage-command-of-each-file). In round 2 the row's name is the
   run's (`plan()` in `study/round2.py`, the key in its results.json), `--tiers` its tier in
   [PLAN.md](../results/fashion-mnist-dynamic/PLAN.md), and the record holds the commit of the code
   (`code_commit` in the JSON). The commands are spelled as in this checkout: at the commits that
@@ -257,11 +369,20 @@ net = torch.hub.load("path/to/this/repository", "dfs_resnet38", source="local", 
   rule selected for a budget, or a static policy the search had already returned, names that file.
 - **per-option BN**: a departure flag ([departures](departures.md)); such a file loads with its own
   batch norms through `eval.py` and torch.hub alike (the flag is in the file's model config).
-- **dfs_paper_cp{0.5,0.8,1.2}_sN**: for each seed, the three budgets trained the same weights (their
+- **dfs_paper_cp{{0.5,0.8,1.2}}_sN**: for each seed, the three budgets trained the same weights (their
   files differ only in the training arguments they record; [round 2](../results/fashion-mnist-dynamic/README.md)).
 """
 
-FOOTER = "{count} checkpoints.\n"
+FOOTER = """{count} checkpoints.
+
+## The stage command of each file
+
+Rebuilt from the arguments stored in the file (`args`): the stage script, the network and every flag
+whose value differs from the stage's default, with `runs/...` the study's run folders (not released;
+a `--resume` of one names the previous stage's run). `--options` and `--bn` are the network's.
+
+{commands}
+"""
 
 
 def main():

@@ -30,7 +30,7 @@ if __name__ == "__main__":  # run as `python study/search_policy.py`: the module
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-from core.errors import CheckpointError, DFSError  # noqa: E402
+from core.errors import CheckpointError, DFSError, value_error  # noqa: E402
 from core.evaluation import evaluate, load_model  # noqa: E402
 
 UNITS = 1024  # a block's cost in units: skip 0, b bits b^2, full 1024 = 32^2
@@ -165,7 +165,7 @@ def main(argv=None):
                                    "extended (searches at several targets share their sensitivity phase)")
     args = p.parse_args(argv)
     if not 0 < args.target <= 100:
-        p.error(f"--target must be in (0, 100], got {args.target}")
+        value_error(p, f"--target must be in (0, 100], got {args.target}")
     try:
         model, ckpt = load_model(args.checkpoint, args.device)
         saved = ckpt.get("args") or {}

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import data
 import models
 from core import evaluation
 from study import model_zoo
@@ -60,7 +61,7 @@ def hub_here(monkeypatch):
 
 def test_hub_lists_every_architecture_and_checkpoint_with_a_one_line_docstring(hub_here):
     names = torch.hub.list(hub_here)
-    assert sorted(names) == sorted({r["hub"] for r in ZOO} | set(models.MODELS))
+    assert sorted(names) == sorted({r["hub"] for r in ZOO} | set(models.MODELS) | {"transform"})
     for name in names:
         doc = torch.hub.help(hub_here, name)
         assert doc and doc == doc.strip() and "\n" not in doc, name
@@ -95,3 +96,56 @@ def test_hub_builds_architectures_and_untrained_checkpoint_networks_and_refuses_
     row = next(r for r in ZOO if r["hub"] == "static_8_s0")
     with pytest.raises(RuntimeError, match="sha256"):
         hubconf._checkpoint(dict(row, sha256="0" * 64))()
+
+
+def test_hub_transform_makes_raw_fashion_mnist_the_input_the_data_pipeline_makes(tmp_path):
+    """A [N, 1, 28, 28] uint8 batch as it comes, through the hub's transform and model: the same
+    input and logits as the evaluation pipeline's batch of the same images (IDX files written here)."""
+    from test_data import write_idx
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 3, 9, 1, 4], dtype=torch.uint8)
+    for name, magic, t in zip(data.FASHION_FILES, (2051, 2049, 2051, 2049), (images, labels, images, labels)):
+        write_idx(tmp_path / name, magic, t)
+    pipeline, _ = next(iter(data.test_batches("fashion-mnist", tmp_path, 5)))
+    prep = torch.hub.load(ROOT, "transform", source="local")
+    model = torch.hub.load(ROOT, "dfs_cp20_s0", source="local")
+    for raw in (images.unsqueeze(1), images):  # [N, 1, 28, 28] and [N, 28, 28]
+        assert torch.equal(prep(raw), pipeline)
+    with torch.no_grad():
+        logits, decisions = model(prep(images.unsqueeze(1)))
+        assert torch.equal(logits, model(pipeline)[0]) and logits.shape == (5, 10)
+    assert decisions.shape == (5, len(model.gate_embeds), len(model.options))
+    with pytest.raises(ValueError, match="uint8"):
+        prep(images.float())
+    with pytest.raises(ValueError, match="unknown dataset"):
+        torch.hub.load(ROOT, "transform", source="local", dataset="mnist")
+
+
+def test_each_rows_command_parses_back_to_the_arguments_stored_in_its_file():
+    """The zoo's stage command of a file, read by that stage's own parser, gives the file's stored
+    arguments (all but where it ran: device, paths of the machine, print frequency)."""
+    import shlex
+    import train_base
+    import train_dfs
+    import train_gate_init
+    from core.checkpoint import load_checkpoint
+    from core.settings import build_parser
+    stages = {"train_base.py": train_base.STAGE, "train_gate_init.py": train_gate_init.STAGE,
+              "train_dfs.py": train_dfs.STAGE}
+    compared = 0
+    for r in ZOO:
+        words = shlex.split(r["command"])
+        parsed = vars(build_parser(stages[words[1]]).parse_args(words[2:]))
+        stored = load_checkpoint(os.path.join(ROOT, r["file"]))["args"]
+        for name, value in parsed.items():
+            if name in model_zoo.NOT_IN_COMMAND or name in ("resume", "save_folder") or name not in stored:
+                continue
+            if name == "policy" and value is not None:  # stored as given: "8" or "8-bit" alike
+                value, stored_value = value.split(","), [str(o).removesuffix("-bit") for o in stored[name]]
+            else:
+                stored_value = stored[name]
+            assert value == stored_value, (r["name"], name, value, stored_value)
+            compared += 1
+        assert parsed["save_folder"].startswith("runs/") and parsed["arch"] == stored["arch"]
+    assert compared > 20 * len(ZOO)

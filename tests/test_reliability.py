@@ -208,6 +208,91 @@ def test_resuming_a_finished_run_is_a_clean_no_op(stage, start, reference, capsy
     assert snapshot(ref_save) == before  # same files, bytes and modification times
 
 
+def bare_resume(stage, checkpoint, extra=(), hook=None):
+    """`train ARCH --resume CHECKPOINT` with nothing else a run defines (no --iters, --save-folder or
+    data settings), as a user following the refusal's advice types it; returns (status, steps)."""
+    argv = ["train", ARCH[stage], "--device", "cpu", "--data-dir", str(Path(checkpoint).parents[1] / "data"),
+            "--resume", str(checkpoint), *map(str, extra)]
+    steps, real_step = [], engine.train_step
+
+    def recording_step(run, loss_fn, x, y):
+        if hook is not None:
+            hook(run, x)
+        out = real_step(run, loss_fn, x, y)
+        steps.append((run.step + 1, out[0].item(), len(y)))
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "train_step", recording_step)
+        return engine.main(STAGES[stage], argv), steps
+
+
+@pytest.mark.parametrize("stage", ["base", "dfs"])
+def test_a_bare_resume_of_a_finished_run_writes_nothing(stage, reference, tmp_path, monkeypatch, capsys):
+    """Before: the default --iters (64,000) extended the finished run, into ./save_checkpoints."""
+    ref_save, _ = reference(stage)
+    before = snapshot(ref_save)
+    monkeypatch.chdir(tmp_path)  # where a default --save-folder would land
+    capsys.readouterr()
+    rc, steps = bare_resume(stage, latest(ref_save, stage))
+    out, err = capsys.readouterr()
+    assert rc == 0 and steps == [] and err == "", err
+    assert f"already finished {N} of --iters {N} iterations; nothing to do" in out
+    assert snapshot(ref_save) == before and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stage", ["gate_init", "dfs"])
+def test_an_interrupted_run_resumed_bare_ends_where_an_uninterrupted_one_ends(stage, start, reference,
+                                                                              tmp_path, monkeypatch, capsys):
+    ref_save, ref_steps = reference(stage)
+    save = tmp_path / "save"
+    rc, first = train(stage, save, start[stage] + ["--eval-every", "4"], iters=N, hook=signal_at(K, signal.SIGTERM))
+    assert rc == 128 + signal.SIGTERM and [s for s, _, _ in first] == [1, 2, 3]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    rc, second = bare_resume(stage, latest(save, stage), ["--eval-every", "4"])
+    assert rc == 0 and first + second == ref_steps, capsys.readouterr().err  # to its own N, every loss exactly
+    assert f"saving to {run_folder(save, stage)}" in capsys.readouterr().out
+    assert os.listdir(elsewhere) == []  # the run's own folder, not ./save_checkpoints
+    assert_same_training_state(load(latest(save, stage)), load(latest(ref_save, stage)))
+    assert stage_records(save, stage) == stage_records(ref_save, stage)
+
+
+def test_an_extension_says_so_and_keeps_the_earlier_record(tmp_path, capsys):
+    save = tmp_path / "save"
+    assert train("base", save, ["--eval-every", "2"], iters=2)[0] == 0
+    folder = run_folder(save)
+    first = (folder / "args.json").read_bytes()
+    capsys.readouterr()
+    rc, steps = train("base", save, ["--resume", latest(save, "base")], iters=4)
+    out = capsys.readouterr().out
+    assert rc == 0 and [s for s, _, _ in steps] == [3, 4]
+    assert f"extending the run of {latest(save, 'base')} from 2 to 4 iterations" in out
+    assert (folder / "args.until-2.json").read_bytes() == first  # what the finished run was
+    assert json.loads((folder / "args.json").read_text())["iters"] == 4
+    before = snapshot(save)
+    capsys.readouterr()
+    assert bare_resume("base", latest(save, "base")) == (0, [])  # the extended run is now 4 iterations
+    assert "nothing to do" in capsys.readouterr().out and snapshot(save) == before
+    assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one
+    assert not (folder / "args.until-2.json").exists()
+
+
+def test_args_and_checkpoints_record_the_code_and_booleans_as_booleans(tmp_path):
+    save = tmp_path / "save"
+    assert train("base", save, ["--proceed", "False"], iters=1)[0] == 0
+    args = json.loads((run_folder(save) / "args.json").read_text())
+    assert args["proceed"] is False
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for record in (args["provenance"], load(latest(save, "base"))["provenance"]):
+        assert record["torch"] == torch.__version__ and type(record["torch"]) is str
+        assert record["code_commit"] is None if not commit else record["code_commit"].startswith(commit)
+    release = tmp_path / "release.pth"
+    checkpoint.export_weights(str(latest(save, "base")), str(release))
+    assert load(release)["provenance"] == args["provenance"]
+
+
 def test_a_finished_run_without_its_state_is_refused_not_skipped(start, reference, tmp_path, capsys):
     """'Nothing to do' is said before the data and optimizer are built, but still after checking
     that the file holds a run: here a finished checkpoint without its optimizer state."""
@@ -598,6 +683,22 @@ def test_eval_matches_the_training_evaluation(parents, tmp_path, capsys):
     assert record["accuracy"] == last["acc"] and record["decision_distribution"] == last["decision_distribution"]
 
 
+def test_eval_of_one_checkpoint_gives_its_interval_and_says_what_it_wrote(parents, tmp_path, capsys):
+    """One checkpoint: the 95 % Wilson interval printed and in the JSON (as the several-checkpoint
+    table gives it), computed here from the count correct; each output file named."""
+    from core.intervals import wilson_interval
+    out, plots = tmp_path / "out.json", tmp_path / "plots"
+    capsys.readouterr()
+    assert eval_cli.main([str(parents["gate_init"]), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                          "--json", str(out), "--plot-dir", str(plots)]) == 0
+    text, record = capsys.readouterr().out, json.loads(out.read_text())
+    correct = round(record["accuracy"] * record["num_samples"] / 100)
+    low, high = (100 * v for v in wilson_interval(correct, record["num_samples"]))
+    assert record["interval_95"] == [round(low, 4), round(high, 4)] and low <= record["accuracy"] <= high
+    assert f"[{low:.2f}, {high:.2f}] %" in text
+    assert f"wrote {out}" in text and f"wrote the plots to {plots}/" in text and any(plots.iterdir())
+
+
 # ----------------------------------------------------------------------------- 6. bad arguments
 
 BAD_ARGS = [  # (stage, architecture, arguments)
@@ -614,6 +715,9 @@ BAD_ARGS = [  # (stage, architecture, arguments)
 ]
 
 
+SYNTAX_ERRORS = [["--dataset", "imagenet"], ["--weight-decay", "-1e-4"]]  # argparse refuses these (a choice; "-1e-4" reads as a flag)
+
+
 @pytest.mark.parametrize("stage,arch,extra", BAD_ARGS,
                          ids=[f"{s} {a or ''} {' '.join(e)}" for s, a, e in BAD_ARGS])
 def test_bad_arguments_are_usage_errors_and_write_nothing(stage, arch, extra, tmp_path, capsys):
@@ -624,10 +728,11 @@ def test_bad_arguments_are_usage_errors_and_write_nothing(stage, arch, extra, tm
         engine.main(STAGES[stage], argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    # argparse: the usage (wrapped over a few lines), then one "prog: error: ..." line
-    assert err.startswith("usage: ") and "Traceback" not in err
-    assert re.fullmatch(r"\S+: error: .+", err.strip().splitlines()[-1])
+    # a syntax error: argparse's usage, then one "prog: error: ..." line; a value error: that line alone
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"\S+: error: .+", lines[-1]) and "Traceback" not in err
     assert err.count(": error: ") == 1
+    assert lines[0].startswith("usage: ") if extra in SYNTAX_ERRORS else (len(lines) == 1 and "see --help" in err)
     assert not save.exists() and not (tmp_path / "data").exists()
 
 
@@ -638,6 +743,22 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
                                      "--save-folder", str(tmp_path / "save")])
     assert exc.value.code == 2 and "--device" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "save").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_visible_devices_without_cuda_warns_once_and_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """As scripts/*.sh on a machine whose GPU cannot be used: one warning line, then the CPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    argv = ["train", "resnet20", "--dataset", "synthetic", "--batch-size", "16", "--iters", "1",
+            "--data-dir", str(tmp_path / "data"), "--save-folder", str(tmp_path / "save")]
+    capsys.readouterr()
+    assert engine.main(STAGES["base"], argv) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: CUDA_VISIBLE_DEVICES=0 is set but CUDA cannot be used")
+    assert lines[0].endswith("running on the CPU") and "resnet20 on synthetic, cpu," in out
+    assert engine.main(STAGES["base"], argv[:-4] + ["--device", "cpu", "--save-folder", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().err == ""  # asked for the CPU: nothing to warn about
 
 
 @pytest.mark.parametrize("extra", [[], ["--val-size", "64"]], ids=["missing cifar10", "val-size too big"])
@@ -992,6 +1113,24 @@ def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
     for name in ("dataset", "batch_size", "seed", "val_size", "lr", "momentum", "lr_steps"):
         assert now[name] == saved[name], name
     assert [r["split"] for r in stage_records(save, "base")] == ["val", "val"]
+
+
+def test_the_test_command_takes_the_checkpoints_data_set(parents, tmp_path, monkeypatch, capsys):
+    """Before: `test` defaulted to cifar10 whatever the checkpoint was trained on."""
+    argv = ["test", "resnet20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--resume", str(parents["base"])]
+    capsys.readouterr()
+    assert engine.main(STAGES["base"], argv) == 0  # synthetic, from the checkpoint
+    assert "top-1" in capsys.readouterr().out
+    released = ROOT / "results" / "fashion-mnist" / "checkpoints" / "dfs_cp20_s0.pth"
+    asked = []
+
+    def no_data(dataset, *args, **kwargs):  # the data set it looks for, without the 20 s evaluation
+        asked.append(dataset)
+        raise data.DatasetError(f"{dataset}: not loaded in this test")
+    monkeypatch.setattr(data, "test_batches", no_data)
+    rc = engine.main(STAGES["dfs"], ["test", "dfs_resnet20", "--device", "cpu", "--resume", str(released)])
+    assert rc == 2 and asked == ["fashion-mnist"]
+    one_line_error(capsys.readouterr().err, "fashion-mnist")
 
 
 def test_eval_creates_the_folders_of_its_outputs(parents, tmp_path):

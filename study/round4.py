@@ -5,13 +5,16 @@
 
 The plan, committed before the first run, is OUT/PLAN.md; this script runs its tier A (the certificate
 of the positive control), then, unless the certificate fails at both lengths, tiers B (budget terms:
-weight pilots of 1,000 iterations, the selected pilot continued to 3,000) and C (Gumbel-softmax), and
-each arm's searched static counterpart. A run waits for the runs it needs (the other lane may run them). Every run goes through the real scripts (train_dfs.py, eval.py). Lanes take
-the next run that is neither finished nor claimed by the other lane (a claim file under RUNS), so two
-lanes never train the same run. Each finished run adds one record to OUT/results.json (under a lock):
-the single source of every number. Its weights-only checkpoint (the run's final state) goes to
-OUT/checkpoints/ and its logs to OUT/logs/. Run again after an interruption, a lane continues the
-unfinished runs from their last checkpoint and skips the finished ones.
+weight pilots of 1,000 iterations, the selected pilot continued to 3,000) and C (Gumbel-softmax) with
+each arm's searched static counterpart, and, for every arm that passes on seed 0, seeds 1-2 (with their
+static counterparts) and tier D (the negative control). Tier E is not written yet. A run waits for the
+runs it needs (the other lane may run them). Every run goes through the real scripts (train_*.py,
+study/search_policy.py, eval.py). Lanes take the next run that is neither finished nor claimed by the
+other lane (a claim file under RUNS), so two lanes never train the same run. Each finished run adds one
+record to OUT/results.json (under a lock): the single source of every number. Its weights-only
+checkpoint (the run's final state) goes to OUT/checkpoints/ and its logs to OUT/logs/. Run again after
+an interruption, a lane continues the unfinished runs from their last checkpoint and skips the
+finished ones.
 """
 import argparse
 import json
@@ -30,6 +33,7 @@ from study.round3 import Study, code_commit, one_thread_env  # noqa: E402
 R3 = "results/fashion-mnist-round3"
 ARCH = "dfs_resnet20"
 DATA = "fashion-mnist-marked"
+NEGATIVE = "fashion-mnist-marked-random"  # tier D: the same frames, colours independent of the label
 SEEDS = (0, 1, 2)
 STATIC_POLICY = "skip,skip,8,skip,skip,8,8,skip"  # round 3's static counterparts at 3.0 % (2.344 %)
 ORACLE = {"marked": "skip", "unmarked": "skip,skip,8,8,8,8,8,8"}  # 0 and 4.6875 %: 2.344 % over the halves
@@ -48,8 +52,9 @@ GUMBEL = ["--gate-estimator", "gumbel", "--gumbel-tau", "5:0.5"]
 WINDOW = 1.0  # the static counterpart's search window below the arm's validation cost (round 3's for these options)
 
 
-def plan():
-    """Every run in order: (tier, name, kind, fields, the runs it needs). The 300-iteration statics are round 3's."""
+def plan(records=None):
+    """Every run in order: (tier, name, kind, fields, the runs it needs). The 300-iteration statics are round 3's;
+    seeds 1-2 and tier D of the arms that pass on seed 0 appear once `records` decide them."""
     runs = [("A", f"oracle_300_s{s}", "oracle", dict(seed=s, iters=300), ()) for s in SEEDS]
     for s in SEEDS:
         runs += [("A", f"oracle_3000_s{s}", "oracle", dict(seed=s, iters=3000), ()),
@@ -63,6 +68,27 @@ def plan():
     runs.append(("C", "c_gumbel_s0", "gumbel", {}, arms))
     for arm in (*arms, "c_gumbel_s0"):
         runs.append(("B" if arm.startswith("b_") else "C", f"static_of_{arm}", "searched", dict(match=arm), (arm,)))
+    return runs + after_seed_0(records or {})
+
+
+def after_seed_0(records):
+    """The runs the plan adds once seed 0 has decided (none before): for every arm that passes, seeds 1-2
+    and their searched static counterparts, and tier D, its recipe on fashion-mnist-marked-random from a
+    backbone and stage 2 trained there."""
+    from study.round4_analysis import ARMS, verdict
+    if any(a not in records or f"static_of_{a}" not in records for a in ARMS):
+        return []
+    passing = [a for a in ARMS if verdict(records[a], records[f"static_of_{a}"])[4]]
+    runs = []
+    for arm in passing:
+        for seed in SEEDS[1:]:
+            name = f"{arm[:-3]}_s{seed}"
+            runs += [("S", name, "seed", dict(arm=arm, seed=seed), (arm,)),
+                     ("S", f"static_of_{name}", "searched", dict(match=name, seed=seed), (name,))]
+    if passing:
+        runs += [("D", "backbone_random", "base", {}, ()),
+                 ("D", "gate_po_random_s0", "gate", {}, ("backbone_random",))]
+        runs += [("D", f"d_{arm}", "negative", dict(arm=arm), (arm, "gate_po_random_s0")) for arm in passing]
     return runs
 
 
@@ -120,14 +146,15 @@ class Round4(Study):
         if os.path.exists(path):
             os.remove(path)
 
-    def train_final(self, name, parent, flags, test=True):
-        """Run (resume, or skip) stage 3; release its final state (not model_best), its logs and, with
-        `test`, its test-set record. A run whose folder already holds a checkpoint continues it."""
-        folder = os.path.join(self.runs, name, ARCH)
+    def train_final(self, name, parent, flags, test=True, script="train_dfs.py", arch=ARCH, dataset=DATA):
+        """Run (resume, or skip) a stage (stage 3 unless told); release its final state (not model_best), its
+        logs and, with `test`, its test-set record. A run whose folder already holds a checkpoint continues it."""
+        folder = os.path.join(self.runs, name, arch)
         latest = os.path.join(folder, runfolder.LATEST)
-        cmd = [sys.executable, "train_dfs.py", "train", ARCH, "--dataset", DATA, "--val-size", "5000",
+        start = latest if os.path.exists(latest) else parent
+        cmd = [sys.executable, script, "train", arch, "--dataset", dataset, "--val-size", "5000",
                "--batch-size", "128", "--print-freq", "50", "--save-folder", os.path.join(self.runs, name),
-               "--resume", latest if os.path.exists(latest) else parent, *flags]
+               *(["--resume", start] if start else []), *flags]
         t = time.time()
         self.sh(cmd, f"{name}.log")
         wall = time.time() - t
@@ -141,7 +168,7 @@ class Round4(Study):
         with open(os.path.join(folder, runfolder.LOG)) as f:
             history = [json.loads(line) for line in f]
         r = dict(checkpoint=self.checkpoint(name), val=history[-1], train_wall_seconds=round(wall))
-        if len(history) > 1:  # validation every 250 iterations: the per-half cost over training
+        if len(history) > 1 and "routing" in history[0]:  # validation every 250 iterations: the per-half cost
             r["val_history"] = [{"step": v["step"], "acc": v["acc"], "computation_percentage": v["computation_percentage"],
                                  "halves": v["routing"]["halves"]} for v in history]
         return dict(r, test=self.test(name)) if test else r
@@ -166,7 +193,27 @@ class Round4(Study):
                         **({"routes": ORACLE} if kind == "oracle" else {"policy": STATIC_POLICY}),
                         **self.train_final(name, parent, flags))
         if kind == "searched":
-            return self.searched(name, f["match"], records)
+            return self.searched(name, f["match"], records, f.get("seed", 0))
+        if kind == "base":  # tier D: round 3's marked backbone recipe on the negative-control data set
+            return dict(name=name, kind=kind, seed=0, dataset=NEGATIVE, **self.train_final(
+                name, None, ["--iters", "2000", "--lr-steps", "1200", "1700", "--eval-every", "2000", "--seed", "0"],
+                script="train_base.py", arch="resnet20", dataset=NEGATIVE))
+        if kind == "gate":  # tier D: round 3's stage 2 (100 iterations toward 100 %, beta 1e-3, per-option BN)
+            parent = self.checkpoint("backbone_random")
+            return dict(name=name, kind=kind, seed=0, dataset=NEGATIVE, parent=parent, **self.train_final(
+                name, parent, ["--options", "paper", "--beta", "1e-3", "--seed", "0", "--bn", "per-option",
+                               "--iters", "100", "--eval-every", "100", "--minimum", "100"],
+                test=False, script="train_gate_init.py", dataset=NEGATIVE))
+        if kind in ("seed", "negative"):  # a passing arm's recipe (term, weight, estimator), fresh, 3,000 iterations
+            arm = records[f["arm"]]
+            seed, dataset = f.get("seed", 0), DATA if kind == "seed" else NEGATIVE
+            parent = f"{R3}/checkpoints/gate_po_marked_s{seed}.pth" if kind == "seed" else self.checkpoint("gate_po_random_s0")
+            flags = ["--options", "paper", "--bn", "per-option", "--budget-loss", arm["term"], "--beta", arm["weight"],
+                     "--minimum", TARGET, "--seed", str(seed), "--iters", str(ARM_ITERS), *ARM, *TERM_FLAGS[arm["term"]],
+                     *(GUMBEL if arm["estimator"] == "gumbel" else [])]
+            return dict(name=name, kind=kind, seed=seed, iters=ARM_ITERS, dataset=dataset, parent=parent,
+                        term=arm["term"], weight=arm["weight"], target=float(TARGET), estimator=arm["estimator"],
+                        recipe_of=f["arm"], **self.train_final(name, parent, flags, dataset=dataset))
         parent = f"{R3}/checkpoints/{GATED}.pth"
         if kind == "pilot":
             term, weight, iters, selected_by = f["term"], f["weight"], PILOT_ITERS, None
@@ -188,18 +235,18 @@ class Round4(Study):
                     target=float(TARGET), estimator="gumbel" if kind == "gumbel" else "argmax",
                     selected_by=selected_by, **self.train_final(name, parent, flags, test=kind != "pilot"))
 
-    def searched(self, name, match, records):
+    def searched(self, name, match, records, seed=0):
         """An arm's static counterpart: searched on validation in [its validation cost - 1, its cost] from the
         shared-BN stage 2 of the same seed, trained as long as the arm (a run of the same policy is reused)."""
-        parent = f"{R3}/checkpoints/gate_marked_s0.pth"
+        parent = f"{R3}/checkpoints/gate_marked_s{seed}.pth"
         target = records[match]["val"]["computation_percentage"]
         policy = os.path.relpath(os.path.join(self.out, "policies", f"{name}.json"), ROOT)
-        cache = os.path.relpath(os.path.join(self.out, "policies", "cache_gate_marked_s0.json"), ROOT)
+        cache = os.path.relpath(os.path.join(self.out, "policies", f"cache_gate_marked_s{seed}.json"), ROOT)
         if not os.path.exists(os.path.join(ROOT, cache)):  # round 3's evaluations of the same checkpoint and settings
-            shutil.copy(os.path.join(ROOT, R3, "policies", "cache_gate_marked_s0.json"), os.path.join(ROOT, cache))
+            shutil.copy(os.path.join(ROOT, R3, "policies", f"cache_gate_marked_s{seed}.json"), os.path.join(ROOT, cache))
         cmd = [sys.executable, "study/search_policy.py", parent, "--target", f"{target}", "--window", str(WINDOW),
                "--out", policy, "--device", "cpu", "--cache", cache]
-        base = dict(name=name, kind="searched", seed=0, iters=ARM_ITERS, dataset=DATA, parent=parent, match=match)
+        base = dict(name=name, kind="searched", seed=seed, iters=ARM_ITERS, dataset=DATA, parent=parent, match=match)
         with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
             result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True, env=one_thread_env())
         if result.returncode != 0:  # no static policy in the window: recorded, not fatal
@@ -209,11 +256,11 @@ class Round4(Study):
         search = dict(search, evaluations=len(search["evaluations"]))
         text = policy_text(search["policy"])
         for other, r in records.items():  # the same policy, parent, seed and schedule: the same network
-            if r.get("kind") in ("static", "searched") and "same_as" not in r and "test" in r and r["seed"] == 0 \
+            if r.get("kind") in ("static", "searched") and "same_as" not in r and "test" in r and r["seed"] == seed \
                     and r["iters"] == ARM_ITERS and r["parent"] == parent and policy_text(r.get("policy", "")) == text:
                 return dict(base, search=search, policy=text, same_as=other,
                             **{k: r[k] for k in ("checkpoint", "val", "test")})
-        flags = ["--policy", policy, "--beta", "0", "--seed", "0", "--iters", str(ARM_ITERS), "--lr-steps", "2250",
+        flags = ["--policy", policy, "--beta", "0", "--seed", str(seed), "--iters", str(ARM_ITERS), "--lr-steps", "2250",
                  "--eval-every", str(ARM_ITERS)]
         return dict(base, search=search, policy=text, **self.train_final(name, parent, flags))
 
@@ -221,7 +268,7 @@ class Round4(Study):
         """Run the plan's next runnable run until none is left; wait while the other lane runs a dependency."""
         while True:
             records, waiting, allowed = self.records(), False, self.tier_a_allows()
-            for tier, name, kind, fields, needs in plan():
+            for tier, name, kind, fields, needs in plan(records):
                 if name in records or (tier != "A" and not allowed):
                     continue
                 if any(n not in records for n in needs):

@@ -499,3 +499,55 @@ def test_every_run_of_the_plan_comes_after_the_runs_it_needs():
         assert set(needs) <= seen, name
         seen.add(name)
     assert len(seen) == len(round4.plan())
+
+
+def test_passing_arms_get_seeds_1_2_their_statics_and_the_negative_control():
+    """Before seed 0 has decided, the plan holds no seed-1/2 or tier-D run; then exactly the passing
+    arm's, each after what it needs."""
+    from study import round4
+    from study.round4_analysis import ARMS
+    from study.significance import pack_bits
+
+    def record(correct, gap):
+        return {"test": {"accuracy": 50.0, "num_samples": 2, "correct_bits": pack_bits(torch.tensor(correct)),
+                         "routing": {"halves": {"marked": {"computation_percentage": 1.0},
+                                                "unmarked": {"computation_percentage": 1.0 + gap}},
+                                     "mark_information_bits": [1.0] * 8}}}
+    records = {a: record([True, False], 0.5) for a in ARMS}
+    records["b_squared_s0"] = record([True, True], 3.5)  # the one that passes: gap 3.5, 8 blocks, above static
+    assert [r[1] for r in round4.plan(records)] == [r[1] for r in round4.plan()]  # no static has run yet
+    records.update({f"static_of_{a}": record([True, False], 0.0) for a in ARMS})
+    extra = [r for r in round4.plan(records) if r[0] in ("S", "D")]
+    assert [r[1] for r in extra] == ["b_squared_s1", "static_of_b_squared_s1", "b_squared_s2", "static_of_b_squared_s2",
+                                     "backbone_random", "gate_po_random_s0", "d_b_squared_s0"]
+    assert [r[3].get("seed") for r in extra[:4]] == [1, 1, 2, 2]
+    seen = set(records)
+    for tier, name, kind, fields, needs in round4.plan(records):
+        assert set(needs) <= seen | {n for _, n, *_ in round4.plan(records)[:[r[1] for r in round4.plan(records)].index(name)]}, name
+        seen.add(name)
+
+
+def test_the_seed_table_and_the_negative_control_come_from_the_records():
+    from study.round4_analysis import negative_control, seeds
+    from study.significance import pack_bits
+
+    def record(correct, gap=4.0, **extra):
+        return {"test": {"accuracy": 100 * sum(correct) / len(correct), "num_samples": len(correct),
+                         "correct_bits": pack_bits(torch.tensor(correct)),
+                         "routing": {"halves": {"marked": {"computation_percentage": 0.5, "acc": 100.0},
+                                                "unmarked": {"computation_percentage": 0.5 + gap, "acc": 80.0}},
+                                     "mark_information_bits": [0.6] * 5 + [0.1] * 3}}, **extra}
+    static = record([True, True, False, False])
+    runs = {"b_squared_s0": record([True, True, True, False]), "static_of_b_squared_s0": static,
+            "b_squared_s1": record([True, True, True, False], kind="seed", recipe_of="b_squared_s0"),
+            "static_of_b_squared_s1": static,
+            "b_squared_s2": record([True, True, True, True], kind="seed", recipe_of="b_squared_s0"),
+            "static_of_b_squared_s2": static,
+            "d_b_squared_s0": record([True, False, False, False], gap=0.25, kind="negative", recipe_of="b_squared_s0")}
+    text = "\n".join(seeds(runs))
+    diffs = [25.0, 25.0, 50.0]
+    p = t_p_two_df(diffs)  # one arm reaches this stage: Holm p is its own
+    assert "| b_squared_s0 | 2 | 100.00 | 50.00 | +50.00 |" in text
+    assert f"| b_squared_s0 | +25.00, +25.00, +50.00 | " in text and f"| {p:.3g} | {p:.3g} |" in text
+    assert ("arm better" if p < 0.05 else "no difference shown") in text.splitlines()[-1]
+    assert "| b_squared_s0 | 25.00 | 100.00 / 80.00 | 0.500 / 0.750 | +0.25 | 5 |" in "\n".join(negative_control(runs))

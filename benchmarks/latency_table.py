@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core import int8  # noqa: E402
+from core.errors import value_error  # noqa: E402
 from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -78,7 +79,7 @@ def main(argv=None):
             json.dump(result, f, indent=1)
     if args.costs_out:
         if costs is None:
-            p.error("--costs-out needs 'full' among the options (costs are relative to it)")
+            value_error(p, "--costs-out needs 'full' among the options (costs are relative to it)")
         with open(args.costs_out, "w") as f:
             json.dump(costs, f, indent=1)
     return 0

@@ -229,8 +229,9 @@ class Interrupt:
 
 
 def provenance():
-    """{code_commit, torch, python}: the git commit of this checkout (with "-dirty" when tracked files
-    differ from it; None outside a git checkout) and the versions that ran."""
+    """{code_commit, torch, python}: the git commit of this checkout (with "-dirty" when tracked code
+    differs from it; None outside a git checkout) and the versions that ran. A resumed run's checkpoints
+    carry the code of the segment that wrote them."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     def git(*cmd):
         try:
@@ -239,8 +240,8 @@ def provenance():
             return None
         return out.stdout.strip() if out.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "-dirty"
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh", "requirements*.txt"):
+        commit += "-dirty"  # the code differs from the commit (records and docs do not count)
     return {"code_commit": commit, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
@@ -305,18 +306,24 @@ class Run:
 
 
 def own_run(args, ckpt, given):
-    """A continued run keeps its own --iters and run folder unless they are given: returns (args, the
-    run's own iterations if a larger --iters extends it, else None). The run folder is the checkpoint's
-    own when the checkpoint lies in one (SAVE_FOLDER/ARCH/...), so a bare --resume never starts a copy."""
+    """A continued run keeps its own --iters, --eval-every, --print-freq and run folder unless they are
+    given: returns (args, the run's own iterations if a larger --iters extends it, else None). The run
+    folder is the checkpoint's own when the checkpoint lies in one (SAVE_FOLDER/ARCH/..., ARCH as the run
+    spelt it, an alias included), so a bare --resume never starts a copy."""
     args, saved = argparse.Namespace(**vars(args)), ckpt.get("args") or {}
     extending = None
     if "iters" not in given and "iters" in saved:
         args.iters = saved["iters"]
     elif "iters" in saved and args.iters > saved["iters"]:
         extending = saved["iters"]
+    for name in ("eval_every", "print_freq"):  # so that it evaluates and logs where the run would have
+        if name not in given and name in saved:
+            setattr(args, name, saved[name])
     here = os.path.dirname(os.path.abspath(args.resume))
-    if "save_folder" not in given and os.path.basename(here) == args.arch:
-        args.save_folder = os.path.dirname(here)
+    folder_arch = os.path.basename(here)  # the run folder is named as the run spelt its network
+    if "save_folder" not in given and folder_arch in (args.arch, saved.get("arch")) and \
+            resolve_name(folder_arch)[0] == resolve_name(args.arch)[0]:
+        args.save_folder, args.arch = os.path.dirname(here), folder_arch
     return args, extending
 
 

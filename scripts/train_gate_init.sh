@@ -14,4 +14,4 @@ parent="$(run_folder "$SAVE/backbone" plain)/model_best.pth.tar"
 resume_from "$SAVE/full_execution/dfs_resnet$DEPTH/checkpoint_latest.pth.tar" "$parent" "$@"
 need_parent "$parent" "scripts/train_base.sh (stage 1)" "$@"
 launch train_gate_init.py train "dfs_resnet$DEPTH" --dataset "$DATASET" --minimum 100 --lr 0.01 \
-    --iters 2000 "${RESUME[@]}" --save-folder "$SAVE/full_execution" "$@"
+    "${RESUME[@]}" --save-folder "$SAVE/full_execution" "$@"

@@ -35,7 +35,8 @@ START_HERE = ("backbone", "dfs_cp10_s0", "dfs_cp20_s0", "dfs_cp50_s0", "skipnet_
               "dfs_po_lowbit_cp1.2_s1")
 SCRIPTS = {"base": "train_base.py", "gate_init": "train_gate_init.py", "dfs": "train_dfs.py"}
 NOT_IN_COMMAND = {"cmd", "arch", "device", "data_dir", "download", "print_freq", "workers", "verbose", "tf32",
-                  "overwrite", "options", "bn"}  # where it ran, not what it trained (options: said below)
+                  "overwrite", "options", "bn",  # where it ran, not what it trained (options: said below)
+                  "proceed", "computation_cost", "costs"}  # the authors' one-value flags; --costs names a file
 
 
 def read(path):
@@ -187,17 +188,21 @@ def build():
 
 def size_of(ckpt):
     """(parameters, MACs per image of the network at full execution): every parameter of the file's
-    network (gate and per-option batch norms included); MACs of every convolution and the classifier."""
+    network (gate and per-option batch norms included); MACs of the backbone's convolutions and classifier."""
     model = model_from_config(model_config(ckpt))
     return sum(p.numel() for p in model.parameters()), int(sum(module_macs(model).values()))
 
 
 def repository_path(path):
-    """A path as the repository sees it: one inside a study's run folder (`.../runs/...`) from runs/."""
+    """A path as the repository sees it: inside a study's run folder (`.../runs/...`) from runs/, a
+    released file (`.../results/...`) from results/."""
     path = str(path)
     if not os.path.isabs(path):
         return path
-    return "runs/" + path.split("/runs/", 1)[1] if "/runs/" in path else os.path.basename(path)
+    for top in ("runs", "results"):
+        if f"/{top}/" in path:
+            return f"{top}/" + path.split(f"/{top}/", 1)[1]
+    return os.path.basename(path)
 
 
 def command(ckpt):
@@ -222,7 +227,7 @@ def command(ckpt):
             words.append(flag)
         elif value is False or value is None or value == "":  # (0.0 == False: compared by identity)
             continue
-        elif dest == "policy" and isinstance(value, list):
+        elif dest in ("policy", "route_marked", "route_unmarked") and isinstance(value, list):
             words.append(f"{flag} {','.join(str(o).removesuffix('-bit') for o in value)}")
         elif isinstance(value, list):
             words.append(f"{flag} {' '.join(map(str, value))}")
@@ -311,7 +316,7 @@ logits, decisions = model(prep(images))   # images: uint8 [N, 1, 28, 28] (or [N,
   each block. The plain `resnet20` (`backbone`, `backbone_marked`) returns logits. `python eval.py FILE` evaluates a file.
 - **Input.** Float `[N, 3, 32, 32]`, made from Fashion-MNIST's 28 x 28 grey images by zero-padding 2 pixels
   on each side, repeating the grey channel three times, dividing by 255 and normalising with mean 0.2860 and
-  std 0.3530 (`data.preprocess`; the hub's `transform` entry point is that function). A `*_marked_*` row
+  std 0.3530 (`data.preprocess`; the hub's `transform(dataset)` returns it bound to that data set). A `*_marked_*` row
   expects the marked data set's framed images (`data.py`).
 - **Names.** `cpN`: trained toward N % computation (the target of `--minimum`); `sN`: training seed N;
   `dfs`: a DFS network; `skipnet`: SkipNet-style skipping (options skip and full only); `static-8`,
@@ -353,7 +358,8 @@ turned into `_`); an architecture builds untrained:
   ([how](benchmarks.md#measured-time-of-the-released-checkpoints-evalpy---time-benchmarkslatency_tablepy));
   `-` where not measured. The JSON also has the `eval.py --int8` times where measured.
 - **parameters / MACs**: every parameter of the file's network (the gate and per-option batch norms
-  included), and the multiply-accumulates per image of its convolutions and classifier at full execution;
+  included), and the multiply-accumulates per image of the backbone's convolutions and classifier at
+  full execution (the gate's are not counted);
   the computation % says how much of the gated blocks' part a row runs, at what bitwidth.
 - **gates**: a stage-2 gate (`gate_*`) was released as the start of its stage-3 runs and evaluated on the
   5,000 validation images only; its validation figures are in parentheses.
@@ -378,8 +384,10 @@ FOOTER = """{count} checkpoints.
 ## The stage command of each file
 
 Rebuilt from the arguments stored in the file (`args`): the stage script, the network and every flag
-whose value differs from the stage's default, with `runs/...` the study's run folders (not released;
-a `--resume` of one names the previous stage's run). `--options` and `--bn` are the network's.
+whose value differs from the stage's default, with `runs/...` the study's run folders (not released).
+A `--resume` names the checkpoint the run started from (the previous stage's) or, for a run continued
+past an earlier end (the `_long` rows), its own `checkpoint_latest`. `--options` and `--bn` are the
+network's.
 
 {commands}
 """

@@ -221,19 +221,23 @@ class Round4(Study):
             term, selected_by = f["term"], select_weight(records, f["term"])
             weight, iters = records[selected_by]["weight"], ARM_ITERS
             mine = os.path.join(self.runs, name, ARCH)
-            if not os.path.exists(os.path.join(mine, runfolder.LATEST)):
-                shutil.rmtree(mine, ignore_errors=True)
-                shutil.copytree(os.path.join(self.runs, selected_by, ARCH), mine,
+            if not os.path.exists(os.path.join(mine, runfolder.LATEST)):  # copied whole, or not at all
+                copying = mine + ".copying"
+                for stale in (mine, copying):
+                    shutil.rmtree(stale, ignore_errors=True)
+                shutil.copytree(os.path.join(self.runs, selected_by, ARCH), copying,
                                 ignore=shutil.ignore_patterns(runfolder.LOCK))
+                os.replace(copying, mine)
         else:  # gumbel: tier B's chosen arm's term and weight, a fresh run of 3,000 iterations
             selected_by = select_gumbel_arm(records)
             term, weight, iters = records[selected_by]["term"], records[selected_by]["weight"], ARM_ITERS
         flags = ["--options", "paper", "--bn", "per-option", "--budget-loss", term, "--beta", weight,
                  "--minimum", TARGET, "--seed", "0", "--iters", str(iters), *ARM, *TERM_FLAGS[term],
                  *(GUMBEL if kind == "gumbel" else [])]
+        pilot_wall = {"pilot_train_wall_seconds": records[selected_by]["train_wall_seconds"]} if kind == "arm" else {}
         return dict(name=name, kind=kind, seed=0, iters=iters, dataset=DATA, parent=parent, term=term, weight=weight,
                     target=float(TARGET), estimator="gumbel" if kind == "gumbel" else "argmax",
-                    selected_by=selected_by, **self.train_final(name, parent, flags, test=kind != "pilot"))
+                    selected_by=selected_by, **pilot_wall, **self.train_final(name, parent, flags, test=kind != "pilot"))
 
     def searched(self, name, match, records, seed=0):
         """An arm's static counterpart: searched on validation in [its validation cost - 1, its cost] from the

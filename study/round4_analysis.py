@@ -119,7 +119,8 @@ def arms(runs, r3):
     rows = ["## Tiers B-C: the arms (seed 0, final state, test set)", "",
             f"Pass: unmarked minus marked cost at least {GAP:g} points, mutual information at least {BITS} bit on at "
             f"least {MIN_BLOCKS} of 8 blocks, top-1 at least the static counterpart's (searched on validation in "
-            "[arm's val cost - 1, its cost], trained as long).", "",
+            "[arm's val cost - 1, its cost], trained as long); where that search finds no policy in the window, "
+            "criterion 3 cannot be judged and the arm is shown without a verdict (-).", "",
             "| arm | term, weight | val cp % | test cp % | marked / unmarked cp % | gap (pt) | blocks >= 0.5 bit | "
             "MI per block (bits) | top-1 | static top-1 (policy) | arm - static | McNemar p | passes |",
             "|---|---|---:|---:|---|---:|---:|---|---:|---|---:|---:|---|"]

@@ -251,7 +251,7 @@ def test_an_interrupted_run_resumed_bare_ends_where_an_uninterrupted_one_ends(st
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    rc, second = bare_resume(stage, latest(save, stage), ["--eval-every", "4"])
+    rc, second = bare_resume(stage, latest(save, stage))  # its own --iters and --eval-every too
     assert rc == 0 and first + second == ref_steps, capsys.readouterr().err  # to its own N, every loss exactly
     assert f"saving to {run_folder(save, stage)}" in capsys.readouterr().out
     assert os.listdir(elsewhere) == []  # the run's own folder, not ./save_checkpoints
@@ -277,6 +277,21 @@ def test_an_extension_says_so_and_keeps_the_earlier_record(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out and snapshot(save) == before
     assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one
     assert not (folder / "args.until-2.json").exists()
+
+
+def test_a_bare_resume_under_another_spelling_of_the_network_continues_in_the_runs_folder(tmp_path, monkeypatch):
+    """A run trained as the authors' alias (its folder named so) and resumed as the canonical name, or
+    the other way round: the run's own folder, not a copy under the other name."""
+    save = tmp_path / "save"
+    argv = ["train", "cifar10_resnet_20", "--dataset", "synthetic", "--batch-size", "16", "--device", "cpu",
+            "--data-dir", str(tmp_path / "data"), "--save-folder", str(save), "--iters", "2"]
+    assert engine.main(STAGES["base"], argv) == 0
+    folder = save / "cifar10_resnet_20"
+    monkeypatch.chdir(tmp_path)
+    rc = engine.main(STAGES["base"], ["train", "resnet20", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                                      "--resume", str(folder / "checkpoint_latest.pth.tar"), "--iters", "3"])
+    assert rc == 0 and load(folder / "checkpoint_latest.pth.tar")["step"] == 3
+    assert sorted(os.listdir(save)) == ["cifar10_resnet_20"] and not (tmp_path / "save_checkpoints").exists()
 
 
 def test_args_and_checkpoints_record_the_code_and_booleans_as_booleans(tmp_path):

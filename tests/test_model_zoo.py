@@ -151,3 +151,15 @@ def test_each_rows_command_parses_back_to_the_arguments_stored_in_its_file():
         resume = parsed["resume"]  # a released parent is named by its place in the repository
         assert not resume or resume.startswith("runs/") or os.path.isfile(os.path.join(ROOT, resume)), (r["name"], resume)
     assert compared > 15 * len(ZOO)  # about 19 arguments a file
+
+
+def test_the_readme_first_screen_snippet_runs_as_written():
+    """The README's "try it" block, with the repository's path filled in: the documented shapes come out."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert text.index(block) < text.index("## The two commands, in detail")  # on the first screen
+    scope = {}
+    exec(block.replace("path/to/this/repository", ROOT), scope)
+    assert scope["logits"].shape == (4, 10) and scope["decisions"].shape == (4, 8, 4)
+    assert torch.equal(scope["decisions"].sum(2), torch.ones(4, 8))  # one-hot: one option per block

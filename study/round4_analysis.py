@@ -98,7 +98,9 @@ def pilots(runs):
         h = r["val"]["routing"]["halves"]
         rows.append(f"| {r['term']} | {r['weight']} | {cps} | {h['marked']['computation_percentage']:.2f} / "
                     f"{h['unmarked']['computation_percentage']:.2f} | {r['val']['acc']:.2f} |")
-    chosen = sorted({f"{r['term']}: {r['selected_by']}" for r in runs.values() if r.get("kind") == "arm"})
+    from study import round4  # the rule itself, as the study applies it
+    chosen = [f"{term}: {round4.select_weight(runs, term)}" for term in TERMS
+              if all(round4.pilot_name(term, w) in runs for w in round4.GRIDS[term])]
     return rows + ["", f"Selected (smallest weight with val cp at 1,000 at most 1.1 x the target, else the largest): "
                    f"{'; '.join(chosen) or 'not yet'}."]
 

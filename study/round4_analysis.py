@@ -162,7 +162,7 @@ def figure(runs, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(done), figsize=(3.6 * len(done), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(done), figsize=(3.6 * len(done), 3.2), squeeze=False)  # each its own scale
     for ax, name in zip(axes[0], done):
         hist = runs[name]["val_history"]
         steps = [v["step"] for v in hist]
@@ -171,6 +171,8 @@ def figure(runs, out):
         ax.axhline(4.6875, color="grey", ls="--", lw=0.8, label="oracle, unmarked")
         ax.axhline(0.0, color="grey", ls=":", lw=0.8, label="oracle, marked")
         ax.axhline(2.34375, color="black", lw=0.8, label="static (both halves)")
+        top = max(v["halves"][h]["computation_percentage"] for v in hist for h in ("marked", "unmarked"))
+        ax.set_ylim(-0.2, max(6.0, 1.05 * top))
         ax.set_title(f"{name} ({runs[name]['term']}, {runs[name]['weight']})", fontsize=8)
         ax.set_xlabel("iteration")
     axes[0][0].set_ylabel("validation computation %")

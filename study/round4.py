@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from core import runfolder  # noqa: E402
+from study.round2_analysis import fmt_policy  # noqa: E402
 from study.round3 import Study, code_commit, one_thread_env  # noqa: E402
 
 R3 = "results/fashion-mnist-round3"
@@ -117,7 +118,7 @@ def select_gumbel_arm(records):
 
 def policy_text(policy):
     """A static policy as one comparable string: skip,8,... (from a list of option names or a string)."""
-    return policy if isinstance(policy, str) else ",".join(o.replace("-bit", "") for o in policy)
+    return policy if isinstance(policy, str) else fmt_policy(policy)
 
 
 class Round4(Study):

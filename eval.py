@@ -25,6 +25,7 @@ from models import build_model
 from models.cost import option_costs
 from study.search_policy import UNITS, knapsack, option_units
 from core.intervals import accuracy_interval
+from core.provenance import cpu
 from core.settings import read_policy
 from study.significance import pack_bits
 
@@ -35,8 +36,12 @@ def evaluate_checkpoint(path, args):
     if args.int8:
         try:
             int8.enable(model, fused=args.int8_fused)
+        except int8.InexactKernel as e:  # a CPU whose int8 kernel saturates along both paths
+            raise UserError(str(e))
         except ValueError as e:  # e.g. a checkpoint trained with dithered rounding
             raise UserError(f"{path}: {e}")
+        if distributed.is_main():
+            print(f"--int8: {int8.describe(int8.path_of(model))}")
     dataset = args.dataset or (ckpt.get("args") or {}).get("dataset") or "cifar10"
     if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
@@ -59,7 +64,12 @@ def evaluate_checkpoint(path, args):
             "num_samples": stats["num_samples"], "checkpoint": path, "arch": ckpt["arch"],
             "dataset": dataset, "stage": ckpt["stage"], "step": ckpt["step"]}
     if args.int8:
-        record["int8"] = "fused" if args.int8_fused else "eager"
+        record["int8"] = int8.steps_of(model)
+        if record["int8"] != ("fused" if args.int8_fused else "eager") and distributed.is_main():
+            print(f"--int8: torch.compile's fused steps disagreed with the eager ones on this CPU, "
+                  f"so the eager steps ran (core/int8.py, Int8Conv._steps)")
+        record["int8_path"] = int8.path_of(model)
+        record["cpu"] = cpu()
     if getattr(model, "policy", None) is not None:
         record["policy"] = model.policy_names()
     if getattr(model, "routes", None) is not None:
@@ -267,6 +277,8 @@ def main(argv=None):
         value_error(p, "--route-marked and --route-unmarked go together: one policy for each half")
     if args.int8 and int8.unavailable(args.device):
         value_error(p, int8.unavailable(args.device))
+    if distributed.unusable(args.device):  # e.g. --device cuda without a GPU: one line, exit 2
+        value_error(p, distributed.unusable(args.device))
     args.int8_fused = args.int8 and int8.can_compile()
     if args.int8 and not args.int8_fused:
         print("--int8: no C++ compiler for torch.compile, so its elementwise steps run unfused (slower)")

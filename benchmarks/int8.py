@@ -7,15 +7,19 @@ difference from the spec's fake-quantized 8-bit conv on the same input (relative
 value):
   fp32 / fp32 channels_last  full precision (F.conv2d), the two memory formats
   fake-quant 8-bit           the spec's path (QConv2d: quantize the input, conv the cached weight)
-  int8 exact (oneDNN)        int8.Int8Conv: codes, one u8 x s8 conv to fp32, two corrections
-  int8 exact, fused          the same with the codes and the corrections fused by torch.compile
+  int8 direct                int8.Int8Conv's direct path: codes, one u8 x s8 conv to fp32, two
+                             corrections (exact only where oneDNN's kernel is: VNNI/AMX CPUs)
+  int8 direct, fused         the same with the codes and the corrections fused by torch.compile
+  int8 split, fused          the split path (k = 2q + r, two saturation-free convs stacked along the
+                             batch), fused: what CPUs without VNNI run
   torch.ao x86 (approx.)     quantize_per_tensor (integer zero point), quantized Conv2d whose
                              output is requantized to 8 bits, dequantize: not the spec's numbers
   _int_mm GEMM only          torch._int_mm on already unfolded int8 patches (im2col not counted)
   _int_mm + unfold           the same with F.unfold (im2col) counted
 Then the whole network at every batch size: plain fp32 (NCHW and channels_last), every block at
-8 bits fake-quantized (both formats), and every block at 8 bits through int8.enable (eager and fused
-steps; channels_last).
+8 bits fake-quantized (both formats), and every block at 8 bits through int8.enable (direct eager
+and fused, split fused; channels_last). The record names the CPU, the path the self-check chooses
+here and ONEDNN_MAX_CPU_ISA (set it to AVX2 to run oneDNN's kernel for CPUs without VNNI).
 """
 import argparse
 import json
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core import int8  # noqa: E402
+from core.provenance import cpu as cpu_info  # noqa: E402
 from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
 from quantize import fake_quantize, grid_scale  # noqa: E402
@@ -95,38 +100,42 @@ def measure(depth, batch_sizes, repeats, round_ms):
     plain_cl = build_model(f"resnet{depth}", 10).eval().to(memory_format=torch.channels_last)
     plain_cl.load_state_dict(plain.state_dict())
     cpu = torch.device("cpu")
-    out = {"hardware": hardware(cpu), "depth": depth, "repeats": repeats, "convs": [], "network": []}
+    out = {"hardware": hardware(cpu), "cpu": cpu_info(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+           "path": int8.choose_path(int8.probes(model)), "depth": depth, "repeats": repeats, "convs": [],
+           "network": []}
+    print(f"{out['cpu']}, ONEDNN_MAX_CPU_ISA={out['onednn_max_cpu_isa']}: the self-check chooses the "
+          f"{out['path']} path", flush=True)
+    paths = {"int8 direct": ("direct", False), "int8 direct, fused": ("direct", True),
+             "int8 split, fused": ("split", True)}
     for b in batch_sizes:
         images = torch.randn(b, 3, 32, 32)
         for (cin, cout, k, stride, size), (conv, x) in conv_shapes(model, images).items():
             int8.disable(model)
             ref = conv(x, 8)
-            exact, fused = int8.Int8Conv(conv), int8.Int8Conv(conv, fused=True)
+            convs = {name: int8.Int8Conv(conv, fused, path) for name, (path, fused) in paths.items()}
             cl = torch.channels_last
             x_cl, w_cl = x.contiguous(memory_format=cl), conv.weight.contiguous(memory_format=cl)
             jobs = {"fp32": lambda: F.conv2d(x, conv.weight, None, conv.stride, conv.padding),
                     "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, None, conv.stride, conv.padding),
                     "fake-quant 8-bit": lambda: conv(x, 8),
-                    "int8 exact (oneDNN)": lambda: exact(x),
-                    "int8 exact, fused": lambda: fused(x),
+                    **{name: (lambda c=c: c(x)) for name, c in convs.items()},
                     "torch.ao x86 (approx.)": ao_conv(conv, x),
                     **int_mm_jobs(conv, x)}
             scale = ref.abs().max()
             error = {name: ((jobs[name]() - ref).abs().max() / scale).item()
-                     for name in ("int8 exact (oneDNN)", "int8 exact, fused", "torch.ao x86 (approx.)")}
+                     for name in (*paths, "torch.ao x86 (approx.)")}
             ms = round_robin(jobs, cpu, repeats, round_ms)
             row = {"batch": b, "in": cin, "out": cout, "kernel": k, "stride": stride, "size": size, "ms": ms,
                    "relative_error": error}
             out["convs"].append(row)
             print(f"batch {b:>3} conv {k}x{k} {cin:>2}->{cout:<2} s{stride} {size:>2}x{size:<2} "
                   + "  ".join(f"{n} {v:.3f}" for n, v in ms.items())
-                  + f"  | error: exact {error['int8 exact (oneDNN)']:.1e}, fused {error['int8 exact, fused']:.1e}, "
-                  f"ao {error['torch.ao x86 (approx.)']:.1e}",
+                  + "  | error: " + ", ".join(f"{n} {e:.1e}" for n, e in error.items()),
                   flush=True)
         x = images
-        exact_model, fused_model = (int8.enable(build_model(f"dfs_resnet{depth}", 10, "default"), fused)
-                                    for fused in (False, True))
-        for m in (exact_model, fused_model):
+        models = {name: int8.enable(build_model(f"dfs_resnet{depth}", 10, "default"), fused, path)
+                  for name, (path, fused) in paths.items()}
+        for m in models.values():
             m.load_state_dict(model.state_dict())
             m.eval()
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -135,15 +144,16 @@ def measure(depth, batch_sizes, repeats, round_ms):
         jobs = {"plain fp32": lambda: plain(x), "plain fp32 channels_last": lambda: plain_cl(x_cl),
                 "all 8-bit fake-quant": lambda: model(x, force_option=eight),
                 "all 8-bit fake-quant channels_last": lambda: fake_cl(x_cl, force_option=eight),
-                "all 8-bit int8 exact": lambda: exact_model(x, force_option=eight),
-                "all 8-bit int8 fused": lambda: fused_model(x, force_option=eight)}
+                **{f"all 8-bit {name}": (lambda m=m: m(x, force_option=eight)) for name, m in models.items()}}
         ms = round_robin(jobs, cpu, repeats, round_ms)
         ref = model(x, force_option=eight)[0]
-        diff = max((m(x, force_option=eight)[0] - ref).abs().max().item() for m in (exact_model, fused_model))
-        out["network"].append({"batch": b, "ms": ms, "max_logit_difference": diff})
+        diff = {name: (m(x, force_option=eight)[0] - ref).abs().max().item() for name, m in models.items()}
+        out["network"].append({"batch": b, "ms": ms, "max_logit_difference": diff,
+                               "steps": {name: int8.steps_of(m) for name, m in models.items()}})
         base = ms["plain fp32"]
         print(f"batch {b:>3} ResNet-{depth}: " + "  ".join(f"{n} {v:.2f} ms ({v / base:.2f}x)" for n, v in ms.items())
-              + f"  | int8 vs fake-quant max logit difference {diff:.2e}", flush=True)
+              + "  | max logit difference from fake-quant: " + ", ".join(f"{n} {d:.2e}" for n, d in diff.items())
+              + f"; steps {out['network'][-1]['steps']}", flush=True)
     return out
 
 

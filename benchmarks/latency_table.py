@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import int8  # noqa: E402
+from core import distributed, int8  # noqa: E402
 from core.errors import value_error  # noqa: E402
 from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument("--json", help="write the table here")
     p.add_argument("--costs-out", help="write the per-block cost table for train_dfs.py --costs here")
     args = p.parse_args(argv)
+    if distributed.unusable(args.device):  # e.g. --device cuda without a GPU: one line, exit 2
+        value_error(p, distributed.unusable(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     result = latency_table(args.depth, args.batch_size, args.options, torch.device(args.device), args.repeats,

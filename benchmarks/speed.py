@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core import distributed  # noqa: E402
+from core.errors import value_error  # noqa: E402
 from core.timing import milliseconds  # noqa: E402
 from models import build_model  # noqa: E402
 from models.gate import straight_through  # noqa: E402
@@ -180,6 +182,8 @@ def main():
                    "(e.g. 'DFS eval'); the plain references always run")
     p.add_argument("--json", help="write the figures and settings here")
     args = p.parse_args()
+    if distributed.unusable(args.device):  # e.g. --device cuda without a GPU: one line, exit 2
+        value_error(p, distributed.unusable(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

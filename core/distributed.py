@@ -34,6 +34,17 @@ def error_prefix():
     return f"(process {rank()}) " if world_size() > 1 else ""
 
 
+def unusable(device):
+    """Why `device` cannot be used on this machine, in one line ("--device cuda is not usable here:
+    Found no NVIDIA driver ..."), or None: a device this machine has, not just a well-formed name."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"--device {device} is not usable here: {reason}"
+    return None
+
+
 def cpu_fallback_warning(device):
     """One warning line when CUDA_VISIBLE_DEVICES asks for a GPU (as scripts/*.sh do) but CUDA cannot be
     used, so the default device became the CPU; else None. The reason is CUDA's own first line."""

@@ -9,10 +9,8 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import random
 import signal
-import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 import data
 from core import distributed, runfolder
 from core.checkpoint import load_checkpoint, save_checkpoint
+from core.provenance import provenance
 from core.errors import DFSError, TrainingError, UserError, WriteError
 from core.evaluation import evaluate, format_report, model_config, model_from_config, split_output
 from core.settings import continue_run, given_args, gumbel_tau, parse_args, routes_of
@@ -226,23 +225,6 @@ class Interrupt:
     def __exit__(self, *exc):
         for s, h in self.previous.items():
             signal.signal(s, h)
-
-
-def provenance():
-    """{code_commit, torch, python}: the git commit of this checkout (with "-dirty" when tracked code
-    differs from it; None outside a git checkout) and the versions that ran. A resumed run's checkpoints
-    carry the code of the segment that wrote them."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    def git(*cmd):
-        try:
-            out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh", "requirements*.txt"):
-        commit += "-dirty"  # the code differs from the commit (records and docs do not count)
-    return {"code_commit": commit, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 class Run:

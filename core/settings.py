@@ -8,6 +8,7 @@ import math
 import torch
 
 import data
+from core import distributed
 from core.errors import UserError, value_error
 from models import is_gated, parse_options, resolve_name
 from models.dfs_resnet import EXECUTIONS
@@ -238,10 +239,8 @@ def validate_args(stage, args):
             raise ValueError(f"--target-cp/--minimum must be in (0, 100], got {args.target_cp}")
     if stage.name == "dfs":
         validate_departures(args)
-    try:  # a device this machine has, not just a well-formed name ("cuda" without a GPU)
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {args.device} is not usable here: {str(e).strip().splitlines()[0]}")
+    if distributed.unusable(args.device):  # a device this machine has, not just a well-formed name
+        raise ValueError(distributed.unusable(args.device))
     return args
 
 

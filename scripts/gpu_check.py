@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from core import runfolder  # noqa: E402
+from core import distributed, runfolder  # noqa: E402
 
 TEST_FILES = ["tests/test_quantize.py", "tests/test_models.py", "tests/test_execution.py", "tests/test_spec.py"]
 
@@ -193,9 +193,9 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", metavar="ITEM", choices=ITEMS,
                    help=f"run only these items ({', '.join(ITEMS)})")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: nothing to check (bash scripts/gpu_check.sh --device cpu --quick is the dry run)")
-        return 0
+    if distributed.unusable(args.device):  # e.g. no GPU here: one line, exit 2, as the stages do
+        p.exit(2, f"{p.prog}: error: {distributed.unusable(args.device)}; nothing to check "
+                  f"(bash scripts/gpu_check.sh --device cpu --quick is the dry run)\n")
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     report = {"environment": environment(device), "quick": args.quick, "items": {}}

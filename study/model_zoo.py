@@ -328,11 +328,13 @@ logits, decisions = model(prep(images))   # images: uint8 [N, 1, 28, 28] (or [N,
   run that chose a weight of the budget term; `backbone`: stage 1, the plain ResNet-20.
 - **`released`** in `dfs_released_cp20_s0` (method `dfs-released`) names the option set of the authors'
   released code, {{skip, 8, 10, 12, 14, 16 bits, full}}; every file on this page is released in the other sense.
-- **Re-evaluation.** The figures are those of the 2-core CPU that made each file. On another CPU, or a
-  GPU, a row can come out a few images different (e.g. `static-8_s0` was re-evaluated at 93.01 % on another
-  machine against 92.99 % here): the convolutions' summation order differs between kernels, and a
-  fake-quantized value near a rounding boundary can fall the other way. `tests/test_results.py`
-  re-evaluates several rows bit for bit on the CPU that made them.
+- **Re-evaluation.** The figures are those of the CPU that made each file: 2-core AVX-512 Xeon VMs with
+  VNNI and AMX for rounds 1-4 (their records do not name it; from round 5 on, every record's `provenance`
+  does). On another CPU class (e.g. an AVX2 AMD EPYC), or a GPU, a row can come out a few images
+  different (e.g. `static-8_s0` was re-evaluated at 93.01 % on another machine against 92.99 % here; on
+  an AVX2 EPYC, `oracle_300_s0`'s unframed half at 88.28 % against 88.26 %): the convolutions' summation
+  order differs between kernels, and a fake-quantized value near a rounding boundary can fall the other
+  way. `tests/test_results.py` re-evaluates several rows on any CPU within 2 images of 10,000.
 
 ## Every checkpoint
 

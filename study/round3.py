@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from core import runfolder  # noqa: E402
+from core.provenance import provenance  # noqa: E402
 
 R1 = "results/fashion-mnist"
 R2 = "results/fashion-mnist-dynamic"
@@ -128,6 +129,8 @@ class Study:
             return json.load(f)["runs"]
 
     def save(self, name, record):
+        """Write one run's record, with the provenance of the process that finished it (code, versions, CPU)."""
+        record = {**record, "provenance": record.get("provenance") or provenance()}
         with self.locked():
             runs = self._read()
             runs[name] = record

@@ -174,3 +174,11 @@ if __name__ == "__main__":
     with open(os.path.join(out, f"status-{distributed.rank()}.json"), "w") as f:
         json.dump(rc, f)
     distributed.shutdown()
+    # Everything the tests read is written and the group is left. Skip the interpreter's teardown: under
+    # load it once aborted here ("terminate called without an active exception", SIGABRT) after the
+    # deliberate NaN run, whose DDP forward was never followed by a backward, so a 0 from this process
+    # would have turned into a failed launch. The C++ teardown of gloo's threads at interpreter exit is
+    # a known source of such aborts (pytorch/pytorch#179291); it checks nothing this test asserts.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -224,3 +224,17 @@ def test_eval_time_flag_end_to_end(tmp_path, capsys):
     assert "| computation % | measured time %, eval batch / batch 1 | top-1 % |" in printed
     records = json.loads(out.read_text())
     assert all(set(r["timing"]) >= {"batch_8", "batch_1", "hardware"} for r in records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("script", ["eval.py", "benchmarks/speed.py", "benchmarks/latency_table.py",
+                                    "train_base.py"])
+def test_a_device_this_machine_lacks_stops_in_one_line(script, tmp_path):
+    """--device cuda without a usable GPU: one line naming the device and CUDA's reason, exit 2 (no
+    traceback), from the evaluation and the benchmarks as from the stages."""
+    args = {"eval.py": [str(tmp_path / "m.pth")], "train_base.py": ["train", "resnet20", "--dataset", "synthetic"]}
+    out = subprocess.run([sys.executable, script, *args.get(script, []), "--device", "cuda"], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "--device cuda is not usable here" in err[0]

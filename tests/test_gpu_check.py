@@ -47,9 +47,11 @@ def test_the_wrapper_forwards_every_argument():
     assert not os.path.exists(os.path.join(ROOT, "some_out"))
 
 
-def test_without_a_gpu_it_says_so_and_exits_0():
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     r = gpu_check_sh()  # no argument at all: the default OUT, and nothing to check here
-    assert r.returncode == 0 and r.stdout.strip().startswith("no CUDA GPU on this machine"), r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and not r.stdout.strip(), r.stdout + r.stderr
+    assert "--device cuda is not usable here" in err[0] and "--device cpu --quick is the dry run" in err[0]

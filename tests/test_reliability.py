@@ -300,9 +300,12 @@ def test_args_and_checkpoints_record_the_code_and_booleans_as_booleans(tmp_path)
     args = json.loads((run_folder(save) / "args.json").read_text())
     assert args["proceed"] is False
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from core.provenance import code_commit, cpu
     for record in (args["provenance"], load(latest(save, "base"))["provenance"]):
         assert record["torch"] == torch.__version__ and type(record["torch"]) is str
         assert record["code_commit"] is None if not commit else record["code_commit"].startswith(commit)
+        assert record["code_commit"] == code_commit()  # "-dirty" when this checkout's code is uncommitted
+        assert {k: record[k] for k in ("cpu", "cpu_capability", "vnni", "amx")} == cpu()
     release = tmp_path / "release.pth"
     checkpoint.export_weights(str(latest(save, "base")), str(release))
     assert load(release)["provenance"] == args["provenance"]

@@ -8,13 +8,12 @@ released code. The loss is the stage-3 loss with the target at 100 %.
         --resume save_checkpoints/backbone/cifar10_resnet_38/model_best.pth.tar --iters 2000 \
         --save-folder save_checkpoints/full_execution
 """
-import itertools
 import sys
 
-from core.engine import Stage, budget_loss, main
+from core.engine import Stage, budget_loss, gate_parameters, main
 
 STAGE = Stage(name="gate_init", gated=True, parent="base", lr=0.01, iters=2000, target_cp=100.0,
-              trainable=lambda m: itertools.chain(m.gate.parameters(), m.gate_embeds.parameters()),
+              trainable=gate_parameters,
               make_loss=budget_loss)
 
 if __name__ == "__main__":

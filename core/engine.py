@@ -470,6 +470,11 @@ def report_test(model, args, share):
     return 0
 
 
+def gate_parameters(model):
+    """The gate's parameters: its embeddings, LSTM and head (what stage 2 and --train gate optimise)."""
+    return [*model.gate.parameters(), *model.gate_embeds.parameters()]
+
+
 def run_stage(stage, args, given=frozenset()):
     """Everything after argument parsing; raises UserError-like exceptions for bad input.
 
@@ -517,7 +522,11 @@ def run_stage(stage, args, given=frozenset()):
         model = distributed.sync_batch_norm(model) if args.sync_bn else model
     except ValueError as e:
         raise UserError(str(e))
-    trainable = list(stage.trainable(model))
+    gate_only = getattr(args, "train", "all") == "gate"
+    if gate_only:  # --train gate: the backbone frozen and in eval mode (DFSResNet.train)
+        model.gate_only = True
+        model.train()
+    trainable = gate_parameters(model) if gate_only else list(stage.trainable(model))
     if stage.gated:  # a static policy runs neither the gate nor its skipped blocks
         unused = {id(p) for p in model.unused_parameters()}
         trainable = [p for p in trainable if id(p) not in unused]

@@ -112,11 +112,16 @@ def build_parser(stage):
                             "over --gumbel-tau; evaluation is the argmax either way")
         x.add_argument("--gumbel-tau", default="5:0.5", metavar="START:END",
                        help="gumbel: the temperature, annealed exponentially from START at iteration 0 to END at --iters")
+        x.add_argument("--train", choices=TRAINED, default="all",
+                       help="all: the whole network learns (the paper's); gate: only the gate (embeddings, LSTM, head) "
+                            "learns, the backbone runs in eval mode (BN running statistics and activation ranges "
+                            "fixed, none updated) and its weights are frozen")
     return p
 
 
 BUDGET_LOSSES = ("signed", "squared", "deadband")
 GATE_ESTIMATORS = ("argmax", "gumbel")
+TRAINED = ("all", "gate")  # --train: what stage 3 optimises
 
 
 def parse_tau(spec):
@@ -260,6 +265,8 @@ def validate_departures(args):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     parse_tau(args.gumbel_tau)
+    if args.train == "gate" and (args.policy is not None or args.route_marked is not None):
+        raise ValueError("--train gate trains the gate, which a static --policy or a --route-marked routing does not run")
 
 
 def read_json(path, flag):

@@ -103,6 +103,19 @@ class DFSResNet(CifarResNet):
         table = option_costs(self.options) if costs is None else parse_costs(costs, self.options, len(self.gate_embeds))
         self.register_buffer("option_costs", table, persistent=False)
         self._register_macs()
+        self.gate_only = False  # train_dfs.py --train gate: see train()
+
+    def train(self, mode=True):
+        """nn.Module.train. With `gate_only` set (train_dfs.py --train gate, a departure), everything
+        but the gate stays in eval mode in training: its BNs normalise with their running statistics
+        and its quantizers with their running ranges, neither updated, and no routed (per-option)
+        batch statistics are taken; only the gate (embeddings, LSTM, head) is in training mode."""
+        super().train(mode)
+        if mode and getattr(self, "gate_only", False):  # (nn.Module.__init__ and _register_macs call train first)
+            for name, module in self.named_children():
+                if name not in ("gate", "gate_embeds"):
+                    module.eval()
+        return self
 
     def _register_macs(self):
         """Per-block MACs from the built modules, for the whole-network report (`complexity`)."""
@@ -188,12 +201,12 @@ class DFSResNet(CifarResNet):
         for bit, for one host sync per block (which options were chosen).
         """
         # The input's activation range, reduced once for every bitwidth (and the projection).
-        x_range = input_range(x) if self.training and self.quantized else None
+        x_range = input_range(x) if self.training and self.quantized and not self.gate_only else None
         choice = hard.detach().argmax(1)
         chosen = [c > 0 for c in option_counts(hard, choice)] if sparse else [True] * len(self.options)
         candidates = []
         for k, needed in enumerate(chosen):
-            norms = self.norms(g, k, routed=choice == k if self.training else None)
+            norms = self.norms(g, k, routed=choice == k if self.training and not self.gate_only else None)
             if needed:
                 candidates.append(self.run_option(block, x, k, x_range, norms))
             else:

@@ -32,3 +32,132 @@ def test_results_md_is_written_before_any_run(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| 300 | 0 | not run |" in text and "Not run yet" in text
 
+
+# --- feature 2: a start assembled from two checkpoints ---------------------------------------------
+
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+import train_dfs  # noqa: E402
+from core import assemble, engine  # noqa: E402
+from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from core.evaluation import model_config  # noqa: E402
+from helpers import images, randomize_bn, small_synthetic, spread_gate  # noqa: E402
+from models import build_model  # noqa: E402
+
+PAPER = ["skip", 8, 16, "full"]
+ROUTES = {"marked": ["skip"] * 8, "unmarked": ["skip", "skip"] + ["8"] * 6}
+
+
+def gated(seed, stage, bn="per-option", routes=None):
+    """A checkpoint dict of a randomly initialised ResNet-20 DFS network (BN and ranges made non-trivial)."""
+    torch.manual_seed(seed)
+    model = build_model("dfs_resnet20", 10, PAPER, bn=bn, routes=routes)
+    randomize_bn(model, seed)
+    spread_gate(model, seed)
+    model.train()
+    with torch.no_grad():
+        model(images(8, seed=seed))  # range buffers and BN statistics of its own
+    config = {"name": "dfs_resnet20", "num_classes": 10, "options": PAPER, "stochastic_act_rounding": False,
+              "policy": None, "costs": None, "bn": bn, **({"routes": routes} if routes else {})}
+    return model, {"model": copy.deepcopy(model.state_dict()), "stage": stage, "arch": "dfs_resnet20",
+                   "num_classes": 10, "step": 7, "options": PAPER, "model_config": config,
+                   "args": {"dataset": "synthetic"}}
+
+
+def test_an_assembled_start_takes_each_part_from_its_source(tmp_path):
+    _, backbone = gated(1, "dfs", routes=ROUTES)
+    _, gate = gated(2, "gate_init")
+    save_checkpoint(backbone, tmp_path / "b.pth")
+    save_checkpoint(gate, tmp_path / "g.pth")
+    out = tmp_path / "start.pth"
+    assert assemble.main(["--backbone", str(tmp_path / "b.pth"), "--gate", str(tmp_path / "g.pth"),
+                          "--out", str(out)]) == 0
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["stage"] == "gate_init" and "routes" not in ckpt["model_config"] and ckpt["model_config"]["policy"] is None
+    assert ckpt["model"].keys() == backbone["model"].keys()
+    gate_keys = [k for k in ckpt["model"] if k.startswith(("gate.", "gate_embeds."))]
+    assert gate_keys and len(gate_keys) < len(ckpt["model"])
+    differ = set()
+    for k, v in ckpt["model"].items():
+        source = gate if k in gate_keys else backbone
+        other = backbone if k in gate_keys else gate
+        assert torch.equal(v, source["model"][k]), k
+        if not torch.equal(v, other["model"][k]):
+            differ.add(k)
+    # the premise: the sources differ in the gate's weights, the blocks' weights, BNs and ranges
+    assert {"gate.lstm.weight_ih", "gate_embeds.0.conv.weight", "blocks.1.conv1.weight",
+            "option_norms.0.8-bit.bn1.running_mean", "blocks.1.conv1.running_max"} <= differ
+    assert ckpt["assembled_from"]["gate"] == str(tmp_path / "g.pth") and len(ckpt["assembled_from"]["gate_sha256"]) == 64
+    model = build_model(**{k if k != "name" else "name": v for k, v in model_config(ckpt).items()})
+    model.load_state_dict(ckpt["model"])  # a whole network, loadable as it is
+
+
+def test_assembling_refuses_networks_that_do_not_fit(tmp_path, capsys):
+    _, backbone = gated(1, "dfs")
+    _, shared = gated(2, "gate_init", bn="shared")
+    save_checkpoint(backbone, tmp_path / "b.pth")
+    save_checkpoint(shared, tmp_path / "g.pth")
+    assert assemble.main(["--backbone", str(tmp_path / "b.pth"), "--gate", str(tmp_path / "g.pth"),
+                          "--out", str(tmp_path / "o.pth")]) == 2
+    assert "differ in BN: per-option against shared" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()
+
+
+# --- feature 1: gate-only training ----------------------------------------------------------------
+
+def test_gate_only_training_changes_the_gate_and_nothing_else(tmp_path):
+    """Stage 3 with --train gate from a per-option-BN stage 2: after 3 steps every backbone parameter
+    and buffer (weights, BN statistics, per-option BNs, activation ranges) is bit for bit the start's,
+    and the gate has moved."""
+    _, start = gated(3, "gate_init")
+    save_checkpoint(start, tmp_path / "start.pth")
+    with small_synthetic():
+        status = engine.main(train_dfs.STAGE, [
+            "train", "dfs_resnet20", "--dataset", "synthetic", "--train", "gate", "--resume", str(tmp_path / "start.pth"),
+            "--iters", "3", "--eval-every", "3", "--batch-size", "16", "--beta", "1e-3", "--device", "cpu",
+            "--budget-loss", "squared", "--save-folder", str(tmp_path / "save")])
+    assert status == 0
+    after = load_checkpoint(str(tmp_path / "save" / "dfs_resnet20" / "checkpoint_latest.pth.tar"))
+    assert after["args"]["train"] == "gate"
+    moved = [k for k, v in after["model"].items() if not torch.equal(v, start["model"][k])]
+    assert moved and all(k.startswith(("gate.", "gate_embeds.")) for k in moved), moved
+    assert any(k.startswith("gate.") for k in moved) and any(k.startswith("gate_embeds.") for k in moved)
+
+
+def test_gate_only_gives_the_gate_the_gradient_of_a_full_step_in_the_same_mode():
+    """Freezing the backbone changes nothing the gate sees: its gradients equal those of the same
+    network with every parameter trainable (the backbone in eval mode in both)."""
+    model, _ = gated(4, "gate_init")
+    full = copy.deepcopy(model)
+    model.gate_only = full.gate_only = True
+    model.train(), full.train()
+    assert model.training and model.gate.training and not model.blocks[1].training
+    assert not model.option_norms[0]["8-bit"]["bn1"].training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in engine.gate_parameters(model):
+        p.requires_grad_(True)
+    x, y = images(12, seed=9), torch.arange(12) % 10
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = []
+    for m in (model, full):
+        logits, decisions = m(x)
+        loss = torch.nn.functional.cross_entropy(logits, y) + 1e-3 * decisions.sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in engine.gate_parameters(m)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in full.blocks[1].parameters())  # full: all learn
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # no buffer moved in the forward
+
+
+def test_gate_only_refuses_a_network_without_a_gate_to_run(tmp_path, capsys):
+    _, start = gated(3, "gate_init")
+    save_checkpoint(start, tmp_path / "start.pth")
+    with pytest.raises(SystemExit) as e:
+        engine.main(train_dfs.STAGE, [
+            "train", "dfs_resnet20", "--dataset", "synthetic", "--train", "gate", "--policy", "skip,8,8,8,8,8,8,8",
+            "--resume", str(tmp_path / "start.pth"), "--device", "cpu", "--save-folder", str(tmp_path / "save")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--train gate trains the gate" in err[0]

@@ -4,7 +4,8 @@
 """
 import sys
 
-from core.engine import Stage, cross_entropy_loss, main
+from core.engine import Stage, main
+from core.losses import cross_entropy_loss
 
 STAGE = Stage(name="base", gated=False, parent=None, lr=0.1, iters=64000,
               trainable=lambda model: model.parameters(), make_loss=cross_entropy_loss)

@@ -6,7 +6,8 @@
 """
 import sys
 
-from core.engine import Stage, budget_loss, main
+from core.engine import Stage, main
+from core.losses import budget_loss
 
 STAGE = Stage(name="dfs", gated=True, parent="gate_init", lr=0.01, iters=64000, target_cp=50.0,
               trainable=lambda model: model.parameters(), make_loss=budget_loss)

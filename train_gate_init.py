@@ -10,7 +10,9 @@ released code. The loss is the stage-3 loss with the target at 100 %.
 """
 import sys
 
-from core.engine import Stage, budget_loss, gate_parameters, main
+from core.continuing import gate_parameters
+from core.engine import Stage, main
+from core.losses import budget_loss
 
 STAGE = Stage(name="gate_init", gated=True, parent="base", lr=0.01, iters=2000, target_cp=100.0,
               trainable=gate_parameters,

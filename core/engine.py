@@ -1,32 +1,35 @@
-"""The training engine shared by the three DFS stages (docs/spec.md §5-§6).
+"""The training engine shared by the three DFS stages (docs/spec.md §5-§6): the stage driver and its loop.
 
 A stage script states only what differs: where its weights come from, what trains, the
 loss and the schedule (a `Stage`); `main(stage)` does the rest: data, model, resume, the
-iteration loop, evaluation, checkpoints and logs. The command line is `core/settings.py`'s,
-evaluation and rebuilding a model from a checkpoint `core/evaluation.py`'s.
+iteration loop, evaluation, checkpoints and logs. Around it: the command line is
+`core/settings.py`'s, the losses and budget terms `core/losses.py`'s, building the model from a
+checkpoint and continuing a run `core/continuing.py`'s, a record's provenance `core/provenance.py`'s,
+evaluation `core/evaluation.py`'s.
 """
 import argparse
 import dataclasses
 import json
 import os
-import random
 import signal
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import data
 from core import distributed, runfolder
 from core.checkpoint import load_checkpoint, save_checkpoint
-from core.provenance import provenance
+from core.continuing import (build_from_checkpoint, check_continuable, gate_parameters, own_run, rng_state,  # noqa: F401
+                             seed_everything, set_rng_state)
 from core.errors import DFSError, TrainingError, UserError, WriteError
-from core.evaluation import evaluate, format_report, model_config, model_from_config, split_output
-from core.settings import continue_run, given_args, gumbel_tau, parse_args, routes_of
-from models import is_gated, resolve_name
-from models.cost import cost_penalty
+from core.evaluation import evaluate, format_report, split_output
+from core.intervals import accuracy_interval
+from core.losses import global_cross_entropy
+from core.provenance import provenance
+from core.settings import continue_run, given_args, gumbel_tau, parse_args
+from models import resolve_name
 
 
 @dataclasses.dataclass
@@ -42,166 +45,11 @@ class Stage:
     target_cp: Optional[float] = None
 
 
-def global_cross_entropy(logits, target, total=None):
-    """Mean cross entropy over the global batch, as this process's share of DDP's gradient average.
-
-    Each of W processes returns W * CE_sum(local) / n_global, so the average of their gradients is
-    the gradient of CE_mean over the global batch, even for unequal slices. `total`: n_global if
-    known. One process: the plain mean.
-    """
-    if distributed.world_size() == 1:
-        return F.cross_entropy(logits, target)
-    if total is None:
-        total = distributed.all_sum(logits.new_tensor(float(len(target))))
-    return F.cross_entropy(logits, target, reduction="sum") * (distributed.world_size() / total).to(logits.dtype)
-
-
-def cross_entropy_loss(args):
-    """Stage 1: plain cross entropy."""
-    return lambda logits, decisions, target, model: (global_cross_entropy(logits, target), None)
-
-
-def budget_loss(args):
-    """Stages 2-3: CE + beta * s * C, s = +1 above the target computation percentage, else -1 (§5).
-
-    All over the global batch: s from its computation percentage, and C = sum of the processes'
-    C_local, so each process's share of DDP's gradient average is beta * s * W * C_local.
-    --budget-loss squared or deadband (departures, stage 3) replace the term: see `budget_term`.
-    """
-    kind = getattr(args, "budget_loss", "signed")
-
-    def loss_fn(logits, decisions, target, model):
-        total, cp = distributed.global_mean(model.computation_percentage(decisions.detach()), len(target))
-        ce = global_cross_entropy(logits, target, total)
-        penalty = cost_penalty(decisions, model.option_costs) * distributed.world_size()
-        if kind != "signed":
-            return ce + budget_term(kind, args, ce, penalty, cp, total, decisions, model), cp
-        sign = torch.where(cp > args.target_cp, 1.0, -1.0)
-        return ce + args.cost_weight * sign * penalty, cp
-    return loss_fn
-
-
-def budget_term(kind, args, ce, penalty, cp, total, decisions, model):
-    """The departures' budget terms (each process's share of DDP's gradient average, as `budget_loss`).
-
-    squared: beta * (cp/100 - target/100)^2 of the global batch's computation percentage cp (the form of
-        ConvNet-AIG, DynConv, LAUDNet); its gradient is that of the global value.
-    deadband: FracTrain's rule (GATECH-EIC/FracTrain, fractrain_cifar/train_dfq.py, run_training): beta * C
-        times s = -1 below target - band, +1 at or above target + band, +0.1 at or above the target within
-        the band and -0.1 below it; with a cap c > 0 (their --ada_beta, c = 0.1), when beta * C exceeds c
-        times the cross entropy it is rescaled to exactly that (the gradient scaled by the same factor).
-    """
-    target = args.target_cp
-    if kind == "squared":
-        world = distributed.world_size()
-        # sum over this process's images of their percentage, / the global count: its share of cp
-        share = world * 100 * (decisions * model.option_costs).sum(-1).mean(1).sum() / total
-        gap = (cp - target) / 100
-        return args.cost_weight * (gap.square() + 2 * gap * (share - share.detach()) / 100)
-    band = args.budget_band
-    sign = torch.where(cp < target - band, -1.0, torch.where(cp >= target + band, 1.0,
-                                                             torch.where(cp >= target, 0.1, -0.1)))
-    term = args.cost_weight * penalty
-    if args.budget_cap > 0:  # global values: C summed over processes, CE their mean
-        world = distributed.world_size()
-        global_term = distributed.all_sum(term.detach()) / world
-        global_ce = distributed.all_sum(ce.detach()) / world
-        limit = args.budget_cap * global_ce
-        term = torch.where(global_term > limit, term * (limit / global_term), term)
-    return sign * term
-
-
-def seed_everything(seed):
-    """Seed Python and torch (all devices)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    """Random states that affect training (for exact resume)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    """Restore what `rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def learning_rate(args, step):
     """Step schedule: lr x step_ratio at each of --lr-steps; optional 0.01 warm-up for 400 iterations."""
     if args.warm_up and step < 400:
         return 0.01
     return args.lr * args.step_ratio ** sum(step >= s for s in args.lr_steps)
-
-
-def build_from_checkpoint(stage, args, ckpt):
-    """Build the model for this stage and load weights; returns (model, its config record, continuing)."""
-    config = {"name": resolve_name(args.arch)[0], "num_classes": data.NUM_CLASSES[args.dataset],
-              "options": args.options if stage.gated else None,
-              "stochastic_act_rounding": getattr(args, "stochastic_act_rounding", False),
-              "policy": getattr(args, "policy", None), "costs": getattr(args, "costs", None),
-              **({"bn": args.bn} if stage.gated else {}), **({"routes": routes_of(args)} if routes_of(args) else {})}
-    continuing, saved_bn = False, None
-    if ckpt is not None:
-        where, saved = args.resume, model_config(ckpt)
-        if saved["name"].replace("dfs_", "") != config["name"].replace("dfs_", ""):
-            raise UserError(f"{where} holds a {saved['name']}, not a {config['name']} backbone")
-        if saved["num_classes"] != config["num_classes"]:
-            raise UserError(f"{where} has {saved['num_classes']} classes, {args.dataset} has {config['num_classes']}")
-        if stage.gated and saved["options"] is not None:
-            if config["options"] is not None and tuple(config["options"]) != tuple(saved["options"]):
-                raise UserError(f"{where} was trained with options {list(saved['options'])}, not {list(config['options'])}")
-            config["options"] = list(saved["options"])
-            saved_bn = saved.get("bn") or "shared"
-            if config["bn"] is None:
-                config["bn"] = saved_bn
-            elif saved_bn == "per-option" != config["bn"] and config["policy"] is None:
-                raise UserError(f"{where} has per-option batch norms; --bn {config['bn']} cannot start from it")
-        continuing = ckpt["stage"] == stage.name
-        testing = args.cmd == "test" and is_gated(saved["name"]) == stage.gated
-        if not (continuing or testing or ckpt["stage"] == stage.parent):
-            expected = f"a '{stage.parent}' checkpoint to start from or " if stage.parent else ""
-            raise UserError(f"{where} is a '{ckpt['stage']}' checkpoint; stage '{stage.name}' takes "
-                            f"{expected}a '{stage.name}' checkpoint to continue")
-        if continuing or testing:
-            config["policy"], config["costs"] = saved["policy"], saved.get("costs")
-            if saved.get("routes"):
-                config["routes"] = saved["routes"]
-            if stage.gated and config["bn"] != saved_bn:
-                raise UserError(f"{where} has {saved_bn} batch norms, not --bn {config['bn']}")
-        elif saved["policy"] is not None or saved.get("routes"):
-            raise UserError(f"{where} is a static-policy or fixed-routing network (no trained gate); "
-                            "start from a stage-2 checkpoint")
-    try:
-        model = model_from_config(config)
-    except ValueError as e:
-        raise UserError(str(e))  # the policy's or the cost table's own one-line message
-    if ckpt is not None:
-        try:
-            if stage.gated and not is_gated(ckpt["arch"]):
-                model.load_backbone(ckpt["model"])
-            elif stage.gated and saved_bn == "shared" and model.bn == "per-option":
-                model.load_shared_bn(ckpt["model"])  # every option's BN starts as the shared one
-            elif stage.gated and saved_bn == "per-option" and model.bn == "shared":  # a static policy
-                model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("option_norms.")})
-            else:
-                model.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"{args.resume} does not fit {args.arch}: {str(e).splitlines()[0][:200]}")
-    if getattr(model, "routes", None) is not None and distributed.world_size() > 1:
-        # a process whose slice holds no image of one half would leave that half's parameters unused
-        raise UserError("a fixed routing (--route-marked/--route-unmarked) trains in one process")
-    if stage.gated:  # the options and policy as the model has them (a preset spelled out)
-        config.update(options=list(model.options), policy=model.policy_names(), bn=model.bn)
-        if model.routes is not None:
-            config["routes"] = model.route_names()
-    return model, config, continuing
 
 
 class Interrupt:
@@ -285,39 +133,6 @@ class Run:
                 with runfolder.writing(path):
                     save_checkpoint(ckpt, path)
         distributed.barrier()  # no process goes on (or exits) before the checkpoint is on disk
-
-
-def own_run(args, ckpt, given):
-    """A continued run keeps its own --iters, --eval-every, --print-freq and run folder unless they are
-    given: returns (args, the run's own iterations if a larger --iters extends it, else None). The run
-    folder is the checkpoint's own when the checkpoint lies in one (SAVE_FOLDER/ARCH/..., ARCH as the run
-    spelt it, an alias included), so a bare --resume never starts a copy."""
-    args, saved = argparse.Namespace(**vars(args)), ckpt.get("args") or {}
-    extending = None
-    if "iters" not in given and "iters" in saved:
-        args.iters = saved["iters"]
-    elif "iters" in saved and args.iters > saved["iters"]:
-        extending = saved["iters"]
-    for name in ("eval_every", "print_freq"):  # so that it evaluates and logs where the run would have
-        if name not in given and name in saved:
-            setattr(args, name, saved[name])
-    here = os.path.dirname(os.path.abspath(args.resume))
-    folder_arch = os.path.basename(here)  # the run folder is named as the run spelt its network
-    if "save_folder" not in given and folder_arch in (args.arch, saved.get("arch")) and \
-            resolve_name(folder_arch)[0] == resolve_name(args.arch)[0]:
-        args.save_folder, args.arch = os.path.dirname(here), folder_arch
-    return args, extending
-
-
-def check_continuable(ckpt, where):
-    """UserError unless the checkpoint holds a run's state and was trained by this many processes."""
-    missing = [k for k in ("optimizer", "best_acc", "data_state", "rng") if k not in ckpt]
-    if missing:
-        raise UserError(f"{where} lacks {', '.join(missing)}, so it cannot continue a run")
-    saved, now = ckpt.get("world_size", 1), distributed.world_size()
-    if saved != now:  # batch norm works per process: its batches would change
-        raise UserError(f"{where} was trained by {saved} process(es); continue it with {saved}, "
-                        f"not {now} (torchrun --nproc_per_node/--nnodes)")
 
 
 def log_eval(run, stats, split, writer):
@@ -445,9 +260,7 @@ def train(run, loss_fn, eval_batches, split, writer=None):
                 run.save()
                 bar.close()
                 if main_process:
-                    latest = os.path.join(run.folder, runfolder.LATEST)
-                    print(f"interrupted at iteration {run.step}; saved {latest}. "
-                          f"Continue with the same command plus --resume {latest}",
+                    print(f"interrupted at iteration {run.step}; {continue_with(args.resume, run.folder)}",
                           file=sys.stderr)
                 return 128 + signum
     bar.close()
@@ -461,18 +274,27 @@ def train(run, loss_fn, eval_batches, split, writer=None):
     return 0
 
 
+def continue_with(resumed, folder):
+    """The interrupt message's advice: how to continue from the run's checkpoint_latest."""
+    latest = os.path.join(folder, runfolder.LATEST)
+    if resumed and os.path.abspath(resumed) == os.path.abspath(latest):
+        return f"saved {latest}. Continue with the same command"
+    if resumed:
+        return f"saved {latest}. Continue with the same command, --resume {latest} in place of --resume {resumed}"
+    return f"saved {latest}. Continue with the same command plus --resume {latest}"
+
+
 def report_test(model, args, share):
-    """`test ARCH --resume CKPT`: the test-set report, printed by process 0; returns 0."""
+    """`test ARCH --resume CKPT`: the test-set report, printed by process 0, as eval.py's: the
+    checkpoint, the network and the data set, the figures, the 95 % interval of the top-1; returns 0."""
     batches = data.test_batches(args.dataset, args.data_dir, args.batch_size, download=args.download, **share)
     stats = evaluate(model, batches, marked=args.dataset in data.MARKED)
     if distributed.is_main():
-        print(format_report(stats, getattr(model, "option_names", None)))
+        low, high = accuracy_interval(stats["acc"], stats["num_samples"])
+        print(f"== {args.resume} ({args.arch}, {args.dataset})\n{format_report(stats, getattr(model, 'option_names', None))}\n"
+              f"95 % interval of the top-1 (Wilson score on the {stats['num_samples']} test images): "
+              f"[{low:.2f}, {high:.2f}] %")
     return 0
-
-
-def gate_parameters(model):
-    """The gate's parameters: its embeddings, LSTM and head (what stage 2 and --train gate optimise)."""
-    return [*model.gate.parameters(), *model.gate_embeds.parameters()]
 
 
 def run_stage(stage, args, given=frozenset()):
@@ -513,7 +335,8 @@ def run_stage(stage, args, given=frozenset()):
         check_continuable(ckpt, args.resume)
         if main_process:
             runfolder.refuse_if_in_use(os.path.join(args.save_folder, args.arch))  # reads the lock; writes nothing
-            print(f"{args.resume} already finished {ckpt['step']} of --iters {args.iters} iterations; nothing to do")
+            print(f"{args.resume} already finished {ckpt['step']} of --iters {args.iters} iterations; nothing to do "
+                  f"(a larger --iters N continues it to N)")
         return 0
     try:
         train_batches, eval_batches, _ = data.build_batches(

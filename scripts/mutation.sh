@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the spec's code (optional, for developers; not in CI: far too slow for 2 cores).
 # mutmut (setup.cfg [mutmut]) injects small bugs one at a time into quantize.py, models/ and the
-# engine's (core/engine.py) loss and schedule, runs the fast in-process tests on each, and reports the survivors.
+# losses and schedule (core/losses.py, core/engine.py), runs the fast in-process tests on each, and reports the survivors.
 #
 #   .venv/bin/pip install -r requirements-dev.txt     # once
 #   bash scripts/mutation.sh            # the core scope (636 mutants; tests/README.md has the last score)
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 MUTMUT=.venv/bin/mutmut
 [ -x "$MUTMUT" ] || { echo "mutmut is not installed: .venv/bin/pip install -r requirements-dev.txt" >&2; exit 2; }
 
-ENGINE=('core.engine.x_budget_loss__*' 'core.engine.x_cross_entropy_loss__*' 'core.engine.x_learning_rate__*'
+ENGINE=('core.losses.x_budget_loss__*' 'core.losses.x_cross_entropy_loss__*' 'core.engine.x_learning_rate__*'
         'core.engine.x_train_step__*')
 # The spec's rules: quantizer, cost model, gate, blocks and init, the gated forward, loss and schedule.
 # Left out of the core: constructors, the option-list parser, the registry, load_backbone and the

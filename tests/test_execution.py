@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import quantize
-from core.engine import budget_loss
+from core.losses import budget_loss
 from models import build_model, dfs_resnet
 from quantize import QConv2d, fake_quantize
 

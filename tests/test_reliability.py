@@ -32,7 +32,7 @@ import models
 import train_base
 import train_dfs
 import train_gate_init
-from core import checkpoint, engine, evaluation
+from core import checkpoint, engine, evaluation, losses
 from helpers import log_records, small_synthetic, snapshot
 from models.dfs_resnet import DFSResNet
 
@@ -236,7 +236,7 @@ def test_a_bare_resume_of_a_finished_run_writes_nothing(stage, reference, tmp_pa
     rc, steps = bare_resume(stage, latest(ref_save, stage))
     out, err = capsys.readouterr()
     assert rc == 0 and steps == [] and err == "", err
-    assert f"already finished {N} of --iters {N} iterations; nothing to do" in out
+    assert f"already finished {N} of --iters {N} iterations; nothing to do (a larger --iters N continues it to N)" in out
     assert snapshot(ref_save) == before and os.listdir(tmp_path) == []
 
 
@@ -495,7 +495,7 @@ def test_signal_to_a_real_training_process(signum, tmp_path, monkeypatch, capsys
 def nan_loss_at(iteration, save, seen):
     """Stage-1 loss that turns NaN at `iteration`, noting checkpoint_latest as it is just then."""
     def make_loss(args):
-        calls, inner = [], engine.cross_entropy_loss(args)
+        calls, inner = [], losses.cross_entropy_loss(args)
 
         def loss_fn(*a):
             calls.append(1)
@@ -1133,12 +1133,28 @@ def test_resume_takes_the_settings_it_is_not_given_from_the_run(tmp_path):
     assert [r["split"] for r in stage_records(save, "base")] == ["val", "val"]
 
 
+def test_the_interrupt_message_says_how_to_continue_from_the_command_as_typed(tmp_path):
+    folder = tmp_path / "run"
+    latest_path = str(folder / "checkpoint_latest.pth.tar")
+    assert engine.continue_with("", str(folder)).endswith(f"Continue with the same command plus --resume {latest_path}")
+    assert engine.continue_with(latest_path, str(folder)).endswith("Continue with the same command")  # already there
+    other = str(tmp_path / "parent.pth")
+    assert engine.continue_with(other, str(folder)).endswith(
+        f"the same command, --resume {latest_path} in place of --resume {other}")
+
+
 def test_the_test_command_takes_the_checkpoints_data_set(parents, tmp_path, monkeypatch, capsys):
     """Before: `test` defaulted to cifar10 whatever the checkpoint was trained on."""
     argv = ["test", "resnet20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--resume", str(parents["base"])]
     capsys.readouterr()
     assert engine.main(STAGES["base"], argv) == 0  # synthetic, from the checkpoint
-    assert "top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # as eval.py: the checkpoint, the network and the data set, the figures and the interval
+    assert out.startswith(f"== {parents['base']} (resnet20, synthetic)\n") and "top-1" in out
+    low, high = map(float, re.search(r"95 % interval of the top-1 \(Wilson score on the \d+ test images\): "
+                                     r"\[([\d.]+), ([\d.]+)\] %", out).groups())
+    acc = float(re.search(r"top-1[^\d]*([\d.]+)", out).group(1))
+    assert low < acc < high
     released = ROOT / "results" / "fashion-mnist" / "checkpoints" / "dfs_cp20_s0.pth"
     asked = []
 

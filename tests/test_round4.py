@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import data
 import eval as eval_cli
 import train_dfs
-from core import engine
+from core import engine, losses
 from core.evaluation import evaluate, mutual_information_bits, routing_diagnostics
 from core.settings import gumbel_tau, parse_args
 from helpers import DEVICE, images, log_records, randomize_bn, small_synthetic, spread_gate
@@ -162,7 +162,7 @@ def loss_and_grad(kind, choices, target, beta, band=0.0, cap=0.0, ce_scale=1.0):
     decisions = F.one_hot(torch.tensor(choices), 4).float().requires_grad_()
     logits = torch.zeros(len(choices), 10) if ce_scale == 1.0 else torch.tensor([[math.log(ce_scale)] + [0.0] * 9] * len(choices))
     y = torch.zeros(len(choices), dtype=torch.long) if ce_scale == 1.0 else torch.ones(len(choices), dtype=torch.long)
-    loss, cp = engine.budget_loss(args)(logits, decisions, y, Costed())
+    loss, cp = losses.budget_loss(args)(logits, decisions, y, Costed())
     loss.backward()
     return loss, cp, decisions.grad, F.cross_entropy(logits, y)
 

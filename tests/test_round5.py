@@ -40,7 +40,7 @@ import copy  # noqa: E402
 import torch  # noqa: E402
 
 import train_dfs  # noqa: E402
-from core import assemble, engine  # noqa: E402
+from core import assemble, continuing, engine  # noqa: E402
 from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from core.evaluation import model_config  # noqa: E402
 from helpers import images, randomize_bn, small_synthetic, spread_gate  # noqa: E402
@@ -137,7 +137,7 @@ def test_gate_only_gives_the_gate_the_gradient_of_a_full_step_in_the_same_mode()
     assert not model.option_norms[0]["8-bit"]["bn1"].training
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in engine.gate_parameters(model):
+    for p in continuing.gate_parameters(model):
         p.requires_grad_(True)
     x, y = images(12, seed=9), torch.arange(12) % 10
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,7 +146,7 @@ def test_gate_only_gives_the_gate_the_gradient_of_a_full_step_in_the_same_mode()
         logits, decisions = m(x)
         loss = torch.nn.functional.cross_entropy(logits, y) + 1e-3 * decisions.sum()
         loss.backward()
-        grads.append([p.grad.clone() for p in engine.gate_parameters(m)])
+        grads.append([p.grad.clone() for p in continuing.gate_parameters(m)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in full.blocks[1].parameters())  # full: all learn
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # no buffer moved in the forward

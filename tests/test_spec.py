@@ -25,7 +25,7 @@ import data
 import train_base
 import train_dfs
 import train_gate_init
-from core import engine, settings
+from core import engine, losses, settings
 from models import build_model
 from models.cost import option_costs
 from models.dfs_resnet import DFSResNet
@@ -270,7 +270,7 @@ def test_training_forward_matches_the_spec_written_out(execution):
 
 
 def budget(target, beta):
-    return engine.budget_loss(argparse.Namespace(target_cp=target, cost_weight=beta))
+    return losses.budget_loss(argparse.Namespace(target_cp=target, cost_weight=beta))
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,8 @@ def build_from_checkpoint(stage, args, ckpt):
     if getattr(model, "routes", None) is not None and distributed.world_size() > 1:
         # a process whose slice holds no image of one half would leave that half's parameters unused
         raise UserError("a fixed routing (--route-marked/--route-unmarked) trains in one process")
+    if getattr(args, "gate_estimator", "argmax") == "reinforce" and distributed.world_size() > 1:
+        raise UserError("--gate-estimator reinforce trains in one process (its baseline is the batch's)")
     if stage.gated:  # the options and policy as the model has them (a preset spelled out)
         config.update(options=list(model.options), policy=model.policy_names(), bn=model.bn)
         if model.routes is not None:

@@ -89,6 +89,9 @@ class Run:
         # formulation), so DDP need not search the graph for unused parameters.
         self.wrapped = distributed.wrap(model, find_unused_parameters=False)
         self.forward_kwargs = {"execution": args.execution} if stage.gated else {}
+        if getattr(args, "gate_estimator", "argmax") == "reinforce":  # decisions sampled; the loss needs the probabilities
+            self.forward_kwargs["return_probs"] = True
+            model.gate.sampling = True
         self.provenance = provenance()  # the code and torch that trained it, in args.json and every checkpoint
 
     def checkpoint(self):
@@ -152,8 +155,8 @@ def log_eval(run, stats, split, writer):
 
 def train_step(run, loss_fn, x, y):
     """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
-    logits, decisions = split_output(run.wrapped(x, **run.forward_kwargs))
-    loss, cp = loss_fn(logits, decisions, y, run.model)
+    logits, decisions, *probs = split_output(run.wrapped(x, **run.forward_kwargs))  # probs: reinforce's
+    loss, cp = loss_fn(logits, decisions, y, run.model, *probs)
     if distributed.any_process(~torch.isfinite(loss)):  # stop before the bad step touches the weights
         kept = runfolder.last_checkpoint(run.folder)
         kept = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was saved yet"

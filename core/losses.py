@@ -4,6 +4,8 @@ paper's signed term, docs/spec.md §5, and the departures' squared and dead-band
 Every loss is `loss_fn(logits, decisions, target, model) -> (loss, computation percentage or None)`,
 made by a `make_loss(args)` of a stage (core/engine.py's Stage).
 """
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,8 @@ def budget_loss(args):
     --budget-loss squared or deadband (departures, stage 3) replace the term: see `budget_term`.
     """
     kind = getattr(args, "budget_loss", "signed")
+    if getattr(args, "gate_estimator", "argmax") == "reinforce":
+        return reinforce_loss(args)
 
     def loss_fn(logits, decisions, target, model):
         total, cp = distributed.global_mean(model.computation_percentage(decisions.detach()), len(target))
@@ -78,3 +82,32 @@ def budget_term(kind, args, ce, penalty, cp, total, decisions, model):
         limit = args.budget_cap * global_ce
         term = torch.where(global_term > limit, term * (limit / global_term), term)
     return sign * term
+
+
+def reinforce_loss(args):
+    """--gate-estimator reinforce (stage 3, a departure; docs/departures.md): the gate learns by the
+    score function, the backbone by cross entropy, the budget through the expected cost.
+
+    The decisions are samples from the gate's softmax (LSTMGate.sampling), so cross entropy reaches
+    the backbone through the chosen options only and the gate not at all. Per image i the reward is
+    -CE_i, its own cross entropy under the sampled decisions (SkipNet's terminal reward, ucbdrive/skipnet
+    cifar/train_rl.py: R = -pred_loss), with a baseline as in BlockDrop (Tushar-N/blockdrop
+    cl_training.py: advantage = reward_sample - reward_map, the greedy policy's reward): here the mean
+    of the other images' CE in the batch (leave-one-out), which keeps the estimate unbiased and needs
+    no second forward pass. The score term mean_i (CE_i - b_i) log pi(a_i), log pi(a_i) the sum over
+    blocks of the log-probabilities of the sampled options, has the gradient of E[CE] in expectation.
+    The budget term is `budget_loss`'s, on the expected decisions (the softmax) instead of the sampled
+    ones: its gradient through the probabilities is exact, not sampled. One process only.
+    """
+    budget = budget_loss(argparse.Namespace(**{**vars(args), "gate_estimator": "argmax"}))
+
+    def loss_fn(logits, decisions, target, model, probs):
+        each = F.cross_entropy(logits, target, reduction="none")
+        n = len(target)
+        baseline = (each.sum() - each) / (n - 1)
+        log_pi = (decisions.detach() * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum((1, 2))
+        score = ((each - baseline).detach() * log_pi).mean()
+        ce_and_budget, _ = budget(logits, probs, target, model)  # the expected cost's budget term
+        cp = model.computation_percentage(decisions.detach()).mean()  # the sampled decisions' cost, logged
+        return ce_and_budget + score, cp
+    return loss_fn

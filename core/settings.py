@@ -109,7 +109,9 @@ def build_parser(stage):
         x.add_argument("--gate-estimator", choices=GATE_ESTIMATORS, default="argmax",
                        help="argmax: the paper's deterministic decision with a straight-through gradient; gumbel: "
                             "in training a Gumbel-softmax sample (hard forward, the softmax's gradient), annealed "
-                            "over --gumbel-tau; evaluation is the argmax either way")
+                            "over --gumbel-tau; reinforce: in training a sample of the softmax, the gate trained by "
+                            "the policy gradient of each image's cross entropy (leave-one-out baseline) and the "
+                            "budget term of the expected cost (one process); evaluation is the argmax in every case")
         x.add_argument("--gumbel-tau", default="5:0.5", metavar="START:END",
                        help="gumbel: the temperature, annealed exponentially from START at iteration 0 to END at --iters")
         x.add_argument("--train", choices=TRAINED, default="all",
@@ -120,7 +122,7 @@ def build_parser(stage):
 
 
 BUDGET_LOSSES = ("signed", "squared", "deadband")
-GATE_ESTIMATORS = ("argmax", "gumbel")
+GATE_ESTIMATORS = ("argmax", "gumbel", "reinforce")
 TRAINED = ("all", "gate")  # --train: what stage 3 optimises
 
 
@@ -265,6 +267,10 @@ def validate_departures(args):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     parse_tau(args.gumbel_tau)
+    if args.gate_estimator == "reinforce" and (args.policy is not None or args.route_marked is not None):
+        raise ValueError("--gate-estimator reinforce trains the gate, which a static --policy or a --route-marked routing does not run")
+    if args.gate_estimator == "reinforce" and args.batch_size < 2:
+        raise ValueError("--gate-estimator reinforce needs --batch-size of at least 2 (its baseline is the other images' mean)")
     if args.train == "gate" and (args.policy is not None or args.route_marked is not None):
         raise ValueError("--train gate trains the gate, which a static --policy or a --route-marked routing does not run")
 

@@ -253,13 +253,17 @@ class DFSResNet(CifarResNet):
                 raise ValueError(f"force_option must be in 0..{num_options - 1}, got {k}")
         return per_block
 
-    def forward(self, x, execution="dynamic", force_option=None):
+    def forward(self, x, execution="dynamic", force_option=None, return_probs=False):
         """execution: "dynamic" (default) computes, in eval, only the chosen options and, in
         training, back-propagates only through chosen options; "mixed" is the reference that
         computes every option with autograd and mixes them (the released code's formulation).
 
         force_option (the gate is then not run): an option index for every block, one index per
         gated block, or a [B, G] tensor of indices per input. Default: the static `policy`, if any.
+
+        return_probs: also return the gate's probabilities [B, G, O] (with their graph), for the
+        policy-gradient estimator and for distillation; with a [B, G] force_option the gate then runs
+        beside the forced choices on the features they produce (teacher forcing).
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -271,9 +275,11 @@ class DFSResNet(CifarResNet):
             if len(forced) != len(x):
                 raise ValueError(f"per-input force_option has {len(forced)} rows for a batch of {len(x)}")
             forced = forced.to(x.device, non_blocking=True)  # once, not per block
+        if return_probs and (isinstance(forced, list) or routed):
+            raise ValueError("return_probs needs the gate to run: not with a static policy or a fixed routing")
         x = self.blocks[0](self.stem(x))  # block 1 always runs at full precision
         state = self.gate.init_state(x.shape[0], x.device, x.dtype)
-        decisions = []
+        decisions, probs = [], []
         for g, (block, embed) in enumerate(zip(self.blocks[1:], self.gate_embeds)):
             if isinstance(forced, list):  # one option for the whole batch: run it alone
                 hard = x.new_zeros(x.shape[0], len(self.options))
@@ -282,9 +288,13 @@ class DFSResNet(CifarResNet):
                 decisions.append(hard)
                 continue
             if forced is None:
-                _, hard, state = self.gate(embed(x), state)
+                p, hard, state = self.gate(embed(x), state)
             else:
                 hard = torch.nn.functional.one_hot(forced[:, g], len(self.options)).to(x.dtype)
+                if return_probs:  # the gate's view of the forced path
+                    p, _, state = self.gate(embed(x), state)
+            if return_probs:
+                probs.append(p)
             if routed:  # no gate to train: every image runs only its own option, in training too
                 x = self.run_dynamic(g, block, x, hard)
             elif self.training or execution == "mixed":
@@ -292,6 +302,8 @@ class DFSResNet(CifarResNet):
             else:
                 x = self.run_dynamic(g, block, x, hard)
             decisions.append(hard)
+        if return_probs:
+            return self.head(x), torch.stack(decisions, 1), torch.stack(probs, 1)
         return self.head(x), torch.stack(decisions, 1)
 
     def policy_names(self):

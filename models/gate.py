@@ -42,11 +42,16 @@ class LSTMGate(nn.Module):
     decision is then the argmax of a Gumbel-perturbed softmax, softmax((logits + g) / tau), whose
     gradient it carries (Gumbel-softmax straight-through; a departure, `--gate-estimator gumbel`).
     The engine sets it before each step; evaluation never samples.
+
+    sampling: in training, the decision is a sample from the softmax and carries no gradient (the
+    policy-gradient estimator, `--gate-estimator reinforce`, a departure: core/losses.py's
+    `reinforce_loss` trains the gate from the returned probabilities). Evaluation is the argmax.
     """
 
     def __init__(self, num_options):
         super().__init__()
         self.gumbel_tau = None
+        self.sampling = False
         # LSTMCell is one step of a one-layer nn.LSTM; it also keeps torch.compile graphs whole.
         self.lstm = nn.LSTMCell(EMBED_DIM, HIDDEN_DIM)
         self.proj = nn.Linear(HIDDEN_DIM, num_options)
@@ -67,6 +72,9 @@ class LSTMGate(nn.Module):
         probs = F.softmax(logits, dim=-1)
         if self.training and self.gumbel_tau is not None:
             probs = F.softmax((logits + gumbel_noise(logits.shape, logits.device, logits.dtype)) / self.gumbel_tau, dim=-1)
+        if self.training and self.sampling:  # torch's seeded stream: resumable
+            choice = torch.multinomial(probs.detach(), 1).squeeze(1)
+            return probs, F.one_hot(choice, probs.shape[-1]).to(probs.dtype), (h, c)
         hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         if self.training:
             hard = straight_through(hard, probs)

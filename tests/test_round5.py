@@ -161,3 +161,98 @@ def test_gate_only_refuses_a_network_without_a_gate_to_run(tmp_path, capsys):
             "--resume", str(tmp_path / "start.pth"), "--device", "cpu", "--save-folder", str(tmp_path / "save")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--train gate trains the gate" in err[0]
+
+
+# --- feature 4: the policy-gradient estimator ---------------------------------------------------------
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+
+from core import losses  # noqa: E402
+from helpers import log_records  # noqa: E402
+from models.gate import LSTMGate  # noqa: E402
+
+
+class TwoOptions(torch.nn.Module):
+    """The cost model the loss reads, for options {skip, full} (no layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.option_costs = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def computation_percentage(self, decisions):
+        return 100 * (decisions * self.option_costs).sum(-1).mean()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_policy_gradient_is_unbiased_exactly(n):
+    """The estimator as implemented (reinforce_loss with its leave-one-out baseline and the squared
+    budget term on the expected cost), averaged over every batch of n trajectories weighted by its
+    probability, equals the exact gradient of E[CE] + lambda ((E[cp] - target) / 100)^2: a toy policy
+    of 3 blocks x 2 options (a softmax of parameters theta), each of its 8 trajectories with its own
+    logits. float64, so equal up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(8, 10, generator=g, dtype=torch.float64)  # logits of each trajectory
+    target = torch.tensor([3] * n)
+    trajectories = list(itertools.product((0, 1), repeat=3))
+    model, lam, goal = TwoOptions(), 50.0, 40.0
+    loss_fn = losses.budget_loss(argparse.Namespace(gate_estimator="reinforce", budget_loss="squared",
+                                                    cost_weight=lam, target_cp=goal))
+    probs = torch.softmax(theta, -1)
+    expected = torch.zeros_like(theta)
+    for batch in itertools.product(range(8), repeat=n):
+        choices = torch.tensor([trajectories[t] for t in batch])
+        decisions = torch.nn.functional.one_hot(choices, 2).to(torch.float64)
+        weight = probs.detach()[torch.arange(3), choices].prod().item()  # over rows and blocks
+        loss, _ = loss_fn(table[list(batch)], decisions, target, model, probs.expand(n, -1, -1))
+        expected += weight * torch.autograd.grad(loss, theta, retain_graph=True)[0]
+    pi = torch.stack([probs[range(3), list(t)].prod() for t in trajectories])
+    ce = torch.nn.functional.cross_entropy(table, torch.tensor([3] * 8), reduction="none")
+    expected_cp = 100 * (probs * model.option_costs).sum(-1).mean()
+    exact = torch.autograd.grad((pi * ce).sum() + lam * ((expected_cp - goal) / 100) ** 2, theta)[0]
+    assert torch.allclose(expected, exact, rtol=1e-10, atol=1e-12), (expected, exact)
+    assert exact.abs().max() > 1e-3  # the premise: a gradient to match
+
+
+def test_the_gate_samples_from_its_softmax_in_training_and_takes_the_argmax_in_eval():
+    torch.manual_seed(0)
+    gate = LSTMGate(4)
+    gate.sampling = True
+    feat = torch.randn(1, 10).expand(40000, -1)
+    state = gate.init_state(40000, feat.device)
+    probs, hard, _ = gate(feat, state)
+    assert not hard.requires_grad and hard.sum(1).eq(1).all()
+    share = hard.mean(0)
+    p = probs[0].detach()
+    assert ((share - p).abs() <= 4 * (p * (1 - p) / 40000).sqrt() + 1e-6).all(), (share, p)
+    assert len(hard.argmax(1).unique()) > 1
+    gate.eval()
+    _, hard, _ = gate(feat[:3], gate.init_state(3, feat.device))
+    assert torch.equal(hard.argmax(1), probs[:3].argmax(1))
+
+
+def test_reinforce_trains_resumes_exactly_and_evaluates_the_argmax(tmp_path):
+    """Stage 3 with --gate-estimator reinforce: 4 iterations straight equal 2, then a resume to 4, bit
+    for bit (the samples come from the saved random stream); the gate moves; evaluation's decisions
+    are the argmax (the same figures evaluated twice)."""
+    _, start = gated(5, "gate_init")
+    save_checkpoint(start, tmp_path / "start.pth")
+    common = ["train", "dfs_resnet20", "--dataset", "synthetic", "--gate-estimator", "reinforce",
+              "--budget-loss", "squared", "--beta", "10", "--minimum", "30", "--batch-size", "16",
+              "--device", "cpu", "--eval-every", "2", "--print-freq", "1"]
+    with small_synthetic():
+        assert engine.main(train_dfs.STAGE, common + ["--resume", str(tmp_path / "start.pth"), "--iters", "4",
+                                                      "--save-folder", str(tmp_path / "straight")]) == 0
+        assert engine.main(train_dfs.STAGE, common + ["--resume", str(tmp_path / "start.pth"), "--iters", "2",
+                                                      "--save-folder", str(tmp_path / "split")]) == 0
+        latest = tmp_path / "split" / "dfs_resnet20" / "checkpoint_latest.pth.tar"
+        assert engine.main(train_dfs.STAGE, common + ["--resume", str(latest), "--iters", "4"]) == 0
+    a = load_checkpoint(str(tmp_path / "straight" / "dfs_resnet20" / "checkpoint_latest.pth.tar"))
+    b = load_checkpoint(str(latest))
+    assert a["step"] == b["step"] == 4 and a["args"]["gate_estimator"] == "reinforce"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not torch.equal(a["model"]["gate.proj.weight"], start["model"]["gate.proj.weight"])
+    records = log_records(tmp_path / "straight" / "dfs_resnet20")
+    assert [r["step"] for r in records] == [2, 4]
+    assert log_records(tmp_path / "split" / "dfs_resnet20") == records  # evaluations too: argmax, deterministic

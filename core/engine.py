@@ -92,6 +92,10 @@ class Run:
         if getattr(args, "gate_estimator", "argmax") == "reinforce":  # decisions sampled; the loss needs the probabilities
             self.forward_kwargs["return_probs"] = True
             model.gate.sampling = True
+        self.distill = None  # --distill-marked/--distill-unmarked: the routing the gate learns, [2, G]
+        if getattr(args, "distill_marked", None) is not None:
+            self.distill = model.parse_routes({"marked": args.distill_marked, "unmarked": args.distill_unmarked})
+            self.forward_kwargs["return_probs"] = True
         self.provenance = provenance()  # the code and torch that trained it, in args.json and every checkpoint
 
     def checkpoint(self):
@@ -155,7 +159,10 @@ def log_eval(run, stats, split, writer):
 
 def train_step(run, loss_fn, x, y):
     """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
-    logits, decisions, *probs = split_output(run.wrapped(x, **run.forward_kwargs))  # probs: reinforce's
+    kwargs = run.forward_kwargs
+    if run.distill is not None:  # the network runs the routing the gate is taught (teacher forcing)
+        kwargs = dict(kwargs, force_option=run.model.routed_choices(x, run.distill.to(x.device)))
+    logits, decisions, *probs = split_output(run.wrapped(x, **kwargs))  # probs: reinforce's, distillation's
     loss, cp = loss_fn(logits, decisions, y, run.model, *probs)
     if distributed.any_process(~torch.isfinite(loss)):  # stop before the bad step touches the weights
         kept = runfolder.last_checkpoint(run.folder)

@@ -42,6 +42,8 @@ def budget_loss(args):
     kind = getattr(args, "budget_loss", "signed")
     if getattr(args, "gate_estimator", "argmax") == "reinforce":
         return reinforce_loss(args)
+    if getattr(args, "distill_marked", None) is not None:
+        return distill_loss(args)
 
     def loss_fn(logits, decisions, target, model):
         total, cp = distributed.global_mean(model.computation_percentage(decisions.detach()), len(target))
@@ -110,4 +112,19 @@ def reinforce_loss(args):
         ce_and_budget, _ = budget(logits, probs, target, model)  # the expected cost's budget term
         cp = model.computation_percentage(decisions.detach()).mean()  # the sampled decisions' cost, logged
         return ce_and_budget + score, cp
+    return loss_fn
+
+
+def distill_loss(args):
+    """--distill-marked/--distill-unmarked (stage 3 with --train gate, a departure): the gate trained
+    to reproduce a given per-half routing. The network runs the routing itself (the engine forces it,
+    so the gate sees the features the routing produces) and the loss is the cross entropy of the
+    gate's softmax against the routing's option, averaged over images and gated blocks. The
+    computation percentage returned (logged) is that of the gate's own argmax."""
+    def loss_fn(logits, decisions, target, model, probs):
+        wanted = decisions.detach().argmax(-1)  # the forced routing
+        log_p = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        loss = F.nll_loss(log_p.flatten(0, 1), wanted.flatten())
+        own = F.one_hot(probs.detach().argmax(-1), probs.shape[-1]).to(probs.dtype)
+        return loss, model.computation_percentage(own).mean()
     return loss_fn

@@ -114,6 +114,12 @@ def build_parser(stage):
                             "budget term of the expected cost (one process); evaluation is the argmax in every case")
         x.add_argument("--gumbel-tau", default="5:0.5", metavar="START:END",
                        help="gumbel: the temperature, annealed exponentially from START at iteration 0 to END at --iters")
+        x.add_argument("--distill-marked", default=None, metavar="POLICY",
+                       help="with --distill-unmarked and --train gate, on a fashion-mnist-marked* data set: train the "
+                            "gate to reproduce this routing (framed images this policy), by cross entropy against it, "
+                            "the network running the routing; instead of the budget loss")
+        x.add_argument("--distill-unmarked", default=None, metavar="POLICY",
+                       help="the policy the gate learns for images without a frame (see --distill-marked)")
         x.add_argument("--train", choices=TRAINED, default="all",
                        help="all: the whole network learns (the paper's); gate: only the gate (embeddings, LSTM, head) "
                             "learns, the backbone runs in eval mode (BN running statistics and activation ranges "
@@ -176,7 +182,8 @@ RUN_SETTINGS = {"dataset": "--dataset", "val_size": "--val-size", "batch_size": 
                 "stochastic_act_rounding": "--stochastic-act-rounding", "policy": "--policy", "costs": "--costs",
                 "bn": "--bn", "route_marked": "--route-marked", "route_unmarked": "--route-unmarked",
                 "budget_loss": "--budget-loss", "budget_band": "--budget-band", "budget_cap": "--budget-cap",
-                "gate_estimator": "--gate-estimator", "gumbel_tau": "--gumbel-tau"}
+                "gate_estimator": "--gate-estimator", "gumbel_tau": "--gumbel-tau", "train": "--train",
+                "distill_marked": "--distill-marked", "distill_unmarked": "--distill-unmarked"}
 
 
 def continue_run(args, saved, given, where):
@@ -267,6 +274,17 @@ def validate_departures(args):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     parse_tau(args.gumbel_tau)
+    if (args.distill_marked is None) != (args.distill_unmarked is None):
+        raise ValueError("--distill-marked and --distill-unmarked go together: one policy for each half")
+    if args.distill_marked is not None:
+        if args.dataset not in data.MARKED:
+            raise ValueError(f"--distill-marked/--distill-unmarked route by the frame of {' or '.join(data.MARKED)}, "
+                             f"not {args.dataset}")
+        if args.train != "gate" or args.gate_estimator != "argmax" or args.policy is not None \
+                or args.route_marked is not None:
+            raise ValueError("--distill-marked/--distill-unmarked train the gate alone: with --train gate, and "
+                             "without --policy, --route-marked or another --gate-estimator")
+        args.distill_marked, args.distill_unmarked = read_policy(args.distill_marked), read_policy(args.distill_unmarked)
     if args.gate_estimator == "reinforce" and (args.policy is not None or args.route_marked is not None):
         raise ValueError("--gate-estimator reinforce trains the gate, which a static --policy or a --route-marked routing does not run")
     if args.gate_estimator == "reinforce" and args.batch_size < 2:

@@ -148,9 +148,11 @@ class DFSResNet(CifarResNet):
             return None
         return {half: [self.option_names[k] for k in row] for half, row in zip(HALVES, self.routes.tolist())}
 
-    def routed_choices(self, x):
-        """[B, G] option indices of the fixed routing: each image its half's policy."""
-        return torch.where(has_mark(x)[:, None], self.routes[0], self.routes[1])
+    def routed_choices(self, x, table=None):
+        """[B, G] option indices of a per-half routing (`table`, [2, G] as `parse_routes` makes; default
+        the fixed routing `routes`): each image its half's policy."""
+        table = self.routes if table is None else table
+        return torch.where(has_mark(x)[:, None], table[0], table[1])
 
     def computation_percentage(self, decisions):
         """The paper's computation percentage (every gated block weighs the same)."""

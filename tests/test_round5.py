@@ -166,6 +166,7 @@ def test_gate_only_refuses_a_network_without_a_gate_to_run(tmp_path, capsys):
 # --- feature 4: the policy-gradient estimator ---------------------------------------------------------
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import itertools  # noqa: E402
 
 from core import losses  # noqa: E402
@@ -256,3 +257,65 @@ def test_reinforce_trains_resumes_exactly_and_evaluates_the_argmax(tmp_path):
     records = log_records(tmp_path / "straight" / "dfs_resnet20")
     assert [r["step"] for r in records] == [2, 4]
     assert log_records(tmp_path / "split" / "dfs_resnet20") == records  # evaluations too: argmax, deterministic
+
+
+# --- feature 3: the gate distilled to a routing ------------------------------------------------------
+
+from core.settings import parse_args  # noqa: E402
+from test_round4 import framed  # noqa: E402
+
+
+def test_the_distillation_loss_is_the_gates_cross_entropy_against_the_routing():
+    """On a tiny case worked out by hand: two images, two blocks, the forced routing as decisions."""
+    probs = torch.tensor([[[0.5, 0.5], [0.9, 0.1]], [[0.2, 0.8], [0.25, 0.75]]], requires_grad=True)
+    decisions = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])  # routing: 0,1 and 1,1
+    loss, cp = losses.distill_loss(argparse.Namespace())(None, decisions, None, TwoOptions(), probs)
+    want = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.1)) + torch.log(torch.tensor(0.8))
+             + torch.log(torch.tensor(0.75))) / 4
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert cp.item() == pytest.approx(100 * (0 + 0 + 1 + 1) / 4)  # the gate's own argmax: (0, 0) and (1, 1)
+
+
+def test_a_gate_distilled_to_a_routing_learns_it(tmp_path, monkeypatch):
+    """Stage 3 with --train gate and a routing to distil on a small framed set (the same policy for both
+    halves, one that changes from block to block, so that what is tested is the mechanism, not whether
+    an untrained backbone makes the frame visible to the gate; the study's control B0 tests that on
+    trained weights): the backbone is unchanged, the loss falls, and on the test images the gate's own
+    decisions are the routing's at every block."""
+    import data
+    y = torch.arange(96) % 10
+    grey = torch.zeros(96, 3, 32, 32, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    grey[:] = (torch.rand(96, 1, 32, 32, generator=g) * 255).to(torch.uint8)
+    grey[::2] = data.mark(grey[::2], y[::2])
+    arrays = (grey[:64], y[:64], grey[64:], y[64:])
+    monkeypatch.setattr(data, "load_arrays", lambda name, d, download=False: arrays)
+    _, start = gated(6, "gate_init")
+    save_checkpoint(start, tmp_path / "start.pth")
+    folder = tmp_path / "save" / "dfs_resnet20"
+    policy = ["skip", "full", "full", "skip", "8", "skip", "16", "full"]
+    with small_synthetic():
+        assert engine.main(train_dfs.STAGE, [
+            "train", "dfs_resnet20", "--dataset", "fashion-mnist-marked", "--train", "gate", "--lr", "0.5",
+            "--distill-marked", ",".join(policy), "--distill-unmarked", ",".join(policy),
+            "--resume", str(tmp_path / "start.pth"), "--iters", "40", "--eval-every", "40", "--print-freq", "10",
+            "--batch-size", "32", "--device", "cpu", "--save-folder", str(tmp_path / "save")]) == 0
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert train[-1]["loss"] < 0.2 * train[0]["loss"]
+    shares = log_records(folder)[-1]["decision_distribution"]  # [G][O] on the 32 test images
+    names = ["skip", "8-bit", "16-bit", "full"]
+    assert [max(range(4), key=lambda o: row[o]) for row in shares] == [names.index(p if p in names else f"{p}-bit")
+                                                                       for p in policy]
+    assert min(row[names.index(p if p in names else f"{p}-bit")] for row, p in zip(shares, policy)) >= 0.9
+    after = load_checkpoint(str(folder / "checkpoint_latest.pth.tar"))
+    assert all(torch.equal(v, start["model"][k]) for k, v in after["model"].items() if not k.startswith("gate"))
+
+
+def test_distillation_refuses_what_it_cannot_do():
+    for extra, words in ((["--train", "all"], "train the gate alone"),
+                         (["--train", "gate", "--dataset", "synthetic"], "route by the frame"),
+                         (["--train", "gate", "--gate-estimator", "reinforce"], "train the gate alone")):
+        argv = ["train", "dfs_resnet20", "--dataset", "fashion-mnist-marked", "--distill-marked", "skip",
+                "--distill-unmarked", "full", "--device", "cpu", *extra]
+        with pytest.raises(SystemExit):
+            parse_args(train_dfs.STAGE, argv)

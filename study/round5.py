@@ -6,7 +6,7 @@
 Each run is trained (or resumed) in RUNS/NAME, its final state released to OUT/checkpoints/NAME.pth,
 its logs to OUT/logs/NAME, its test evaluation and provenance recorded in OUT/results.json (under a
 lock): the single source of every number. Round 4's machinery (claims, one-thread commands) is reused.
-So far the plan's tier A; tiers B-E join as their features land.
+So far the plan's tiers A and B; tiers C-E join as their features land.
 """
 import argparse
 import os
@@ -18,15 +18,25 @@ sys.path.insert(0, ROOT)
 
 from study.round3 import code_commit, one_thread_env  # noqa: E402
 from study.round4 import LENGTHS, Round4  # noqa: E402
-from study.round5_analysis import ORACLE, R3, SEEDS, write  # noqa: E402
+from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, write  # noqa: E402
 
 DATA = "fashion-mnist-marked"
+# Tier B's start (PLAN.md): round 4's oracle_3000_s0 without its routing, with round 3's per-option-BN stage-2 gate
+START_B = {"backbone": f"{R4}/checkpoints/oracle_3000_s0.pth", "gate": f"{R3}/checkpoints/gate_po_marked_s0.pth"}
+B0 = ["--train", "gate", "--distill-marked", ",".join(["skip"] * 8), "--distill-unmarked", ORACLE["unmarked"],
+      "--iters", "1000", "--lr-steps", "750", "--eval-every", "250", "--seed", "0"]
+B_ARM = ["--train", "gate", "--budget-loss", "squared", "--beta", "1000", "--minimum", TARGET,
+         "--iters", "3000", "--lr-steps", "2250", "--eval-every", "250", "--seed", "0"]
+ESTIMATOR_FLAGS = {"argmax": [], "gumbel": ["--gate-estimator", "gumbel", "--gumbel-tau", "5:0.5"],
+                   "reinforce": ["--gate-estimator", "reinforce"]}
 
 
 def plan():
     """Every run in order: (tier, name, kind, fields, the runs it needs)."""
     runs = [("A", f"a_oracle_shared_300_s{s}", "oracle_shared", dict(seed=s, iters=300), ()) for s in SEEDS]
-    return runs + [("A", f"a_oracle_shared_3000_s{s}", "oracle_shared", dict(seed=s, iters=3000), ()) for s in SEEDS]
+    runs += [("A", f"a_oracle_shared_3000_s{s}", "oracle_shared", dict(seed=s, iters=3000), ()) for s in SEEDS]
+    runs.append(("B", "b0_distill_s0", "distill", {}, ()))
+    return runs + [("B", f"b{i}_{e}_s0", "gate_only", dict(estimator=e), ()) for i, e in enumerate(ESTIMATORS, 1)]
 
 
 def oracle_shared_flags(seed, iters):
@@ -42,7 +52,22 @@ class Round5(Round4):
             parent = f"{R3}/checkpoints/gate_marked_s{seed}.pth"
             return dict(name=name, kind=kind, seed=seed, iters=iters, dataset=DATA, parent=parent, bn="shared",
                         routes=ORACLE, **self.train_final(name, parent, oracle_shared_flags(seed, iters)))
+        if kind in ("distill", "gate_only"):
+            parent = self.start_b()
+            flags = B0 if kind == "distill" else B_ARM + ESTIMATOR_FLAGS[f["estimator"]]
+            return dict(name=name, kind=kind, seed=0, dataset=DATA, parent=parent, start=START_B,
+                        iters=1000 if kind == "distill" else 3000, estimator=f.get("estimator"),
+                        **self.train_final(name, parent, flags))
         raise ValueError(f"unknown kind {kind}")
+
+    def start_b(self):
+        """Tier B's assembled start (core/assemble.py), made once in RUNS (a function of two committed files)."""
+        from core.assemble import assemble
+        from core.checkpoint import save_checkpoint
+        path = os.path.join(self.runs, "start_b_s0.pth")
+        if not os.path.exists(path):
+            save_checkpoint(assemble(START_B["backbone"], START_B["gate"]), path)  # atomic
+        return os.path.relpath(path, ROOT)
 
     def go(self):
         """Run the plan's next runnable run until none is left; wait while another lane runs a dependency."""

@@ -18,6 +18,9 @@ from study.round3_analysis import fmt_iv, fmt_num, holm, t_test_p  # noqa: E402
 R3, R4 = "results/fashion-mnist-round3", "results/fashion-mnist-round4"
 SEEDS, LENGTHS = (0, 1, 2), (300, 3000)
 ORACLE = {"marked": "skip", "unmarked": "skip,skip,8,8,8,8,8,8"}  # round 4's: 0 and 4.6875 %, 2.344 % overall
+TARGET = "2.34375"
+ESTIMATORS = ("argmax", "gumbel", "reinforce")  # tier B's arms B1-B3
+GAP, BITS, MIN_BLOCKS = 3.0, 0.5, 4  # round 4's criteria 1-2: points, bits, blocks
 
 
 def records(study):
@@ -88,6 +91,40 @@ def tier_a(runs, r3, r4):
     return rows, verdicts
 
 
+def routes_by_frame(test):
+    """(marked cp, unmarked cp, gap, blocks with >= 0.5 bit, passes criteria 1-2) of a test record."""
+    h = test["routing"]["halves"]
+    marked, unmarked = h["marked"]["computation_percentage"], h["unmarked"]["computation_percentage"]
+    blocks = sum(b >= BITS for b in test["routing"]["mark_information_bits"])
+    return marked, unmarked, unmarked - marked, blocks, unmarked - marked >= GAP and blocks >= MIN_BLOCKS
+
+
+def tier_b(runs):
+    rows = ["## Tier B: the gate alone on the oracle's weights (seed 0, final state, test set)", "",
+            f"Start: round 4's `oracle_3000_s0` (backbone, per-option BNs, ranges; its routing dropped) with round 3's "
+            f"`gate_po_marked_s0` gate. Pass = criteria 1-2: unframed minus framed computation at least {GAP:g} points "
+            f"and at least {BITS} bit of decision-frame information on at least {MIN_BLOCKS} of 8 blocks. Top-1 is "
+            "descriptive (the backbone had 3,000 oracle iterations first).", "",
+            "| run | estimator | top-1 | cp % | framed / unframed cp % | gap (pt) | blocks >= 0.5 bit | MI per block (bits) | "
+            "framed / unframed top-1 | passes 1-2 |",
+            "|---|---|---:|---:|---|---:|---:|---|---|---|"]
+    names = [("b0_distill_s0", "distilled to the oracle (control B0)")] + \
+        [(f"b{i}_{e}_s0", e) for i, e in enumerate(ESTIMATORS, 1)]
+    for name, what in names:
+        r = runs.get(name)
+        if not r:
+            rows.append(f"| {name} | {what} | not run | | | | | | | |")
+            continue
+        t = r["test"]
+        marked, unmarked, gap, blocks, passes = routes_by_frame(t)
+        h = halves(t)
+        bits = ", ".join(f"{b:.2f}" for b in t["routing"]["mark_information_bits"])
+        rows.append(f"| {name} | {what} | {t['accuracy']:.2f} | {t['computation_percentage']:.3f} | "
+                    f"{marked:.3f} / {unmarked:.3f} | {gap:+.2f} | {blocks} | {bits} | "
+                    f"{h['marked'][0]:.2f} / {h['unmarked'][0]:.2f} | {'yes' if passes else 'no'} |")
+    return rows
+
+
 def write(runs, out):
     """OUT/results.md: every table of round 5 so far, from the records."""
     rows, _ = tier_a(runs, records(R3), records(R4))
@@ -95,7 +132,7 @@ def write(runs, out):
              "The plan is PLAN.md. Differences are in points of test top-1 on the same 10,000 images "
              "(5,000 framed, 5,000 unframed). Static networks: round 3's `static_of_dfs_marked_cp3.0_s{seed}` "
              "(300 iterations) and round 4's `static_3000_s{seed}`.", ""]
-    parts += rows + ["", "## Tiers B-E", "", "Not run yet: they wait for their features (PLAN.md, Code)."]
+    parts += rows + [""] + tier_b(runs) + ["", "## Tiers C-E", "", "Not run yet (PLAN.md's order)."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(parts) + "\n")
     print(f"{os.path.join(out, 'results.md')}: {len(runs)} runs")

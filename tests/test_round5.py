@@ -7,7 +7,7 @@ from study.round4 import ORACLE as ROUND4_ORACLE
 
 
 def test_tier_a_is_the_round_4_oracle_with_the_parents_shared_bn():
-    runs = round5.plan()
+    runs = [r for r in round5.plan() if r[0] == "A"]
     assert [name for _, name, *_ in runs] == [f"a_oracle_shared_{n}_s{s}" for n in (300, 3000) for s in (0, 1, 2)]
     assert round5_analysis.ORACLE == ROUND4_ORACLE
     flags = round5.oracle_shared_flags(1, 3000)
@@ -15,6 +15,30 @@ def test_tier_a_is_the_round_4_oracle_with_the_parents_shared_bn():
     assert flags[flags.index("--route-unmarked") + 1] == "skip,skip,8,8,8,8,8,8"
     assert flags[flags.index("--iters") + 1] == "3000" and flags[flags.index("--lr-steps") + 1] == "2250"
     assert flags[flags.index("--seed") + 1] == "1" and flags[flags.index("--beta") + 1] == "0"
+
+
+def test_tier_b_is_the_control_and_one_gate_only_arm_per_estimator():
+    runs = [r for r in round5.plan() if r[0] == "B"]
+    assert [name for _, name, *_ in runs] == ["b0_distill_s0", "b1_argmax_s0", "b2_gumbel_s0", "b3_reinforce_s0"]
+    b0 = round5.B0
+    assert b0[b0.index("--distill-unmarked") + 1] == "skip,skip,8,8,8,8,8,8" and "--train" in b0
+    arm = round5.B_ARM
+    assert arm[arm.index("--beta") + 1] == "1000" and arm[arm.index("--budget-loss") + 1] == "squared"
+    assert arm[arm.index("--minimum") + 1] == "2.34375" and arm[arm.index("--train") + 1] == "gate"
+    assert round5.START_B["backbone"].endswith("round4/checkpoints/oracle_3000_s0.pth")
+    assert round5.START_B["gate"].endswith("round3/checkpoints/gate_po_marked_s0.pth")
+
+
+def test_tier_b_criteria_on_a_hand_made_record():
+    test = {"routing": {"halves": {"marked": {"computation_percentage": 0.5, "acc": 99.0},
+                                   "unmarked": {"computation_percentage": 3.6, "acc": 90.0}},
+                        "mark_information_bits": [0.0, 0.6, 0.5, 0.49, 0.9, 0.7, 0.1, 0.0]}}
+    assert round5_analysis.routes_by_frame(test)[2:] == (pytest.approx(3.1), 4, True)
+    test["routing"]["mark_information_bits"][2] = 0.4
+    assert round5_analysis.routes_by_frame(test)[3:] == (3, False)
+    test["routing"]["mark_information_bits"][2] = 0.5
+    test["routing"]["halves"]["unmarked"]["computation_percentage"] = 3.4
+    assert round5_analysis.routes_by_frame(test)[4] is False  # a gap of 2.9 points
 
 
 def test_tier_a_rule_pays_loses_or_neither():

@@ -69,12 +69,13 @@ class Round5(Round4):
             save_checkpoint(assemble(START_B["backbone"], START_B["gate"]), path)  # atomic
         return os.path.relpath(path, ROOT)
 
-    def go(self):
-        """Run the plan's next runnable run until none is left; wait while another lane runs a dependency."""
+    def go(self, tiers=None):
+        """Run the plan's next runnable run (of `tiers`, default all) until none is left; wait while another
+        lane runs a dependency."""
         while True:
             records, waiting = self.records(), False
             for tier, name, kind, fields, needs in plan():
-                if name in records:
+                if name in records or (tiers and tier not in tiers):
                     continue
                 if any(n not in records for n in needs) or not self.claim(name):
                     waiting = True
@@ -103,11 +104,12 @@ def main():
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-round5"))
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fashion-mnist-round5"))
     p.add_argument("--lane", type=int, help="any label: lanes share the queue")
+    p.add_argument("--tiers", help="only these tiers, e.g. B (default: all, in the plan's order)")
     p.add_argument("--analyse-only", action="store_true")
     args = p.parse_args()
     study = Round5(args.out, args.runs)
     if args.lane is not None and not args.analyse_only:
-        study.go()
+        study.go(set(args.tiers) if args.tiers else None)
     write(study.records(), args.out)
 
 

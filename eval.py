@@ -19,7 +19,8 @@ import torch
 import data
 from core import distributed, int8
 from core.errors import CheckpointError, DFSError, UserError, value_error
-from core.evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
+from core.evaluation import (ESTIMATORS, counterfactuals, evaluate, format_counterfactuals, format_report, load_model,
+                             recalibrate_bn)
 from core.plots import plot
 from models import build_model
 from models.cost import option_costs
@@ -86,6 +87,10 @@ def evaluate_checkpoint(path, args):
             f"batch {k.split('_')[1]} {v['time_percentage']:.1f} % ({v['gated_ms']:.2f} vs {v['plain_ms']:.2f} ms; "
             f"{v['time_percentage_vs_channels_last']:.1f} % of its channels_last time)"
             for k, v in t.items() if k.startswith("batch_")) + f"; {t['hardware']['threads']} threads, {t['hardware']['device']}")
+    if args.counterfactual and hasattr(model, "options"):
+        record["counterfactual"] = counterfactuals(model, batches, marked=dataset in data.MARKED)
+        if distributed.is_main():
+            print(format_counterfactuals(record["counterfactual"]))
     if per_image:
         record["correct_bits"] = pack_bits(stats["correct"])
     if args.recalibrate:
@@ -267,6 +272,10 @@ def main(argv=None):
                         "plain ResNet with the same weights (NCHW and channels_last), at that batch size and at 1 "
                         "(round-robin medians)")
     p.add_argument("--time-repeats", type=int, default=5, help="--time: timed repetitions per configuration")
+    p.add_argument("--counterfactual", action="store_true",
+                   help="a gated network: per block (and per half of a marked data set) the mean change of each "
+                        "image's cross entropy and top-1 when that block alone is forced to each option, the others "
+                        "as the gate decided (G x O extra passes over the test set; one process)")
     p.add_argument("--int8", action="store_true",
                    help="run the 8-bit option through oneDNN's int8 convolution (CPU; core/int8.py): the same codes, "
                         "results equal to the fake-quantized ones up to fp32 rounding (a departure, off by default)")

@@ -124,6 +124,61 @@ def evaluate(model, batches, force=None, per_image=False, marked=False):
     return stats
 
 
+@torch.no_grad()
+def counterfactuals(model, batches, marked=False):
+    """Per gated block and option: the mean change of each image's cross entropy and top-1 (points)
+    when that block alone is forced to that option, every other block as the gate decided (round 5's
+    diagnostics, `eval.py --counterfactual`). Per half of a marked data set, else over all images.
+
+    Returns {"options": names, "halves": {half: {"images": n, "delta_ce": [G][O], "delta_top1": [G][O]}}}.
+    G x O extra forward passes per batch; one process."""
+    if distributed.world_size() > 1:
+        raise UserError("counterfactual diagnostics run in one process")
+    was_training = model.training
+    model.eval()
+    blocks, options = len(model.gate_embeds), len(model.options)
+    halves = ("marked", "unmarked") if marked else ("all",)
+    sums = {h: {"images": 0, "ce": torch.zeros(blocks, options, dtype=torch.float64),
+                "top1": torch.zeros(blocks, options, dtype=torch.float64)} for h in halves}
+    for x, y in batches:
+        logits, decisions = model(x)
+        choices = decisions.argmax(2)
+        ce = F.cross_entropy(logits, y, reduction="none").double()
+        hit = (logits.argmax(1) == y).double()
+        masks = {"all": torch.ones_like(y, dtype=torch.bool)} if not marked else \
+            {"marked": has_mark(x), "unmarked": ~has_mark(x)}
+        for h, m in masks.items():
+            sums[h]["images"] += int(m.sum())
+        for g in range(blocks):
+            for o in range(options):
+                force = choices.clone()
+                force[:, g] = o
+                out, _ = model(x, force_option=force)
+                d_ce = F.cross_entropy(out, y, reduction="none").double() - ce
+                d_top1 = (out.argmax(1) == y).double() - hit
+                for h, m in masks.items():
+                    sums[h]["ce"][g, o] += d_ce[m].sum().cpu()
+                    sums[h]["top1"][g, o] += d_top1[m].sum().cpu()
+    model.train(was_training)
+    out = {}
+    for h, v in sums.items():
+        n = max(v["images"], 1)
+        out[h] = {"images": v["images"], "delta_ce": (v["ce"] / n).tolist(), "delta_top1": (100 * v["top1"] / n).tolist()}
+    return {"options": list(model.option_names), "halves": out}
+
+
+def format_counterfactuals(record):
+    """A text table per half: each block's mean change of CE (and top-1, points) per forced option."""
+    lines = []
+    for half, v in record["halves"].items():
+        lines.append(f"counterfactual, {half} ({v['images']} images): mean change of cross entropy (top-1, points) "
+                     "when one block is forced, the others as decided")
+        lines.append("block " + "".join(f"{name:>20}" for name in record["options"]))
+        for g, (ce, top1) in enumerate(zip(v["delta_ce"], v["delta_top1"])):
+            lines.append(f"{g:>5} " + "".join(f"{c:>+11.3f} ({t:>+6.2f})" for c, t in zip(ce, top1)))
+    return "\n".join(lines)
+
+
 def format_report(stats, option_names=None):
     """A text table: accuracy, computation percentage and the per-block decision distribution."""
     lines = [f"top-1 accuracy {stats['acc']:.2f} %  ({stats['num_samples']} images)"]

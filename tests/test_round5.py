@@ -343,3 +343,65 @@ def test_distillation_refuses_what_it_cannot_do():
                 "--distill-unmarked", "full", "--device", "cpu", *extra]
         with pytest.raises(SystemExit):
             parse_args(train_dfs.STAGE, argv)
+
+
+# --- feature 5: counterfactual diagnostics ------------------------------------------------------------
+
+from core.evaluation import counterfactuals  # noqa: E402
+from models.dfs_resnet import has_mark  # noqa: E402
+
+
+def test_counterfactuals_equal_an_image_by_image_computation():
+    """Against an independent formulation: each image alone, each block forced alone with
+    force_option, the gate's own choices elsewhere; and forcing the option a block already chose
+    changes nothing for the images that chose it."""
+    model, _ = gated(8, "gate_init")
+    model.eval()
+    x, y = framed(12, torch.arange(12) % 3 == 0)
+    result = counterfactuals(model, [(x[:7], y[:7]), (x[7:], y[7:])], marked=True)
+    marks = has_mark(x)
+    assert result["halves"]["marked"]["images"] == int(marks.sum()) == 4
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    with torch.no_grad():  # per image, in plain Python: the same batches (batch size moves fp32 rounding)
+        per_image = {}  # (image, g, o) -> (change of CE, change of top-1 in points)
+        for b, (xb, yb) in enumerate(batches):
+            logits, decisions = model(xb)
+            for g in range(8):
+                for o in range(4):
+                    force = decisions.argmax(2)
+                    force[:, g] = o
+                    forced, _ = model(xb, force_option=force)
+                    for j in range(len(yb)):
+                        i = 7 * b + j
+                        ce0 = torch.nn.functional.cross_entropy(logits[j:j + 1], yb[j:j + 1]).item()
+                        ce1 = torch.nn.functional.cross_entropy(forced[j:j + 1], yb[j:j + 1]).item()
+                        top = 100 * (int(forced[j].argmax() == yb[j]) - int(logits[j].argmax() == yb[j]))
+                        per_image[i, g, o] = (ce1 - ce0, top)
+        for half, mask in (("marked", marks), ("unmarked", ~marks)):
+            images = torch.nonzero(mask).flatten().tolist()
+            for g in range(8):
+                for o in range(4):
+                    got = result["halves"][half]
+                    want_ce = sum(per_image[i, g, o][0] for i in images) / len(images)
+                    want_top1 = sum(per_image[i, g, o][1] for i in images) / len(images)
+                    assert got["delta_ce"][g][o] == pytest.approx(want_ce, abs=1e-6)
+                    assert got["delta_top1"][g][o] == pytest.approx(want_top1, abs=1e-9)
+        _, decisions = model(x)
+        chosen = decisions.argmax(2)
+    for g in range(8):
+        for o in range(4):
+            if (chosen[:, g] == o).all():  # every image chose o here: forcing o is no change
+                assert result["halves"]["marked"]["delta_ce"][g][o] == 0.0
+    assert any(abs(v) > 1e-3 for row in result["halves"]["unmarked"]["delta_ce"] for v in row)  # not all zero
+
+
+def test_eval_counterfactual_flag_end_to_end(tmp_path, capsys):
+    import eval as eval_cli
+    _, ckpt = gated(9, "gate_init")
+    save_checkpoint(ckpt, tmp_path / "m.pth")
+    with small_synthetic(test=20):
+        assert eval_cli.main([str(tmp_path / "m.pth"), "--device", "cpu", "--counterfactual",
+                              "--json", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())["counterfactual"]
+    assert record["options"] == ["skip", "8-bit", "16-bit", "full"] and record["halves"]["all"]["images"] == 20
+    assert len(record["halves"]["all"]["delta_ce"]) == 8 and "counterfactual, all (20 images)" in capsys.readouterr().out

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 
 from study.round3 import code_commit, one_thread_env  # noqa: E402
 from study.round4 import LENGTHS, Round4  # noqa: E402
-from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, write  # noqa: E402
+from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, grid_cost, write  # noqa: E402
 
 DATA = "fashion-mnist-marked"
 # Tier B's start (PLAN.md): round 4's oracle_3000_s0 without its routing, with round 3's per-option-BN stage-2 gate
@@ -59,6 +59,32 @@ class Round5(Round4):
                         iters=1000 if kind == "distill" else 3000, estimator=f.get("estimator"),
                         **self.train_final(name, parent, flags))
         raise ValueError(f"unknown kind {kind}")
+
+    def equal_cost_static(self, name, match, records, seed=0, iters=3000):
+        """Feature 6: the static network of an arm's own cost. The search (study/search_policy.py, validation,
+        from the shared-BN gate_marked_s{seed}) is restricted to the one static cost nearest to the arm's final
+        validation computation; at 2.344 % round 4's static_3000_s{seed} is that network (same parent, seed and
+        schedule) and is reused. Returns the record."""
+        import json
+        import subprocess
+        target = grid_cost(records[match]["val"]["computation_percentage"])
+        base = dict(name=name, kind="equal_cost_static", seed=seed, iters=iters, dataset=DATA, match=match,
+                    target=target, parent=f"{R3}/checkpoints/gate_marked_s{seed}.pth")
+        if abs(target - float(TARGET)) < 1e-9 and iters == 3000:
+            with open(os.path.join(ROOT, R4, "results.json")) as f:
+                r = json.load(f)["runs"][f"static_3000_s{seed}"]
+            return dict(base, same_as=f"round 4's static_3000_s{seed}", policy=r["policy"],
+                        **{k: r[k] for k in ("checkpoint", "val", "test")})
+        policy = os.path.relpath(os.path.join(self.out, "policies", f"{name}.json"), ROOT)
+        cmd = [sys.executable, "study/search_policy.py", base["parent"], "--target", f"{target}", "--window", "0.01",
+               "--out", policy, "--device", "cpu"]
+        with open(os.path.join(self.runs, f"{name}.search.log"), "a") as log:
+            result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True, env=one_thread_env())
+        if result.returncode != 0:
+            return dict(base, failed=result.stderr.strip())
+        flags = ["--policy", policy, "--beta", "0", "--seed", str(seed), "--iters", str(iters),
+                 "--lr-steps", str(iters * 3 // 4), "--eval-every", str(iters)]
+        return dict(base, policy=policy, **self.train_final(name, base["parent"], flags))
 
     def start_b(self):
         """Tier B's assembled start (core/assemble.py), made once in RUNS (a function of two committed files)."""

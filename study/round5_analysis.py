@@ -21,6 +21,18 @@ ORACLE = {"marked": "skip", "unmarked": "skip,skip,8,8,8,8,8,8"}  # round 4's: 0
 TARGET = "2.34375"
 ESTIMATORS = ("argmax", "gumbel", "reinforce")  # tier B's arms B1-B3
 GAP, BITS, MIN_BLOCKS = 3.0, 0.5, 4  # round 4's criteria 1-2: points, bits, blocks
+STEP = 100 / 128  # a static policy's cost is a multiple of this: 8 blocks, 8 bits costing 1/16 (0.78125 %)
+EQUAL = 0.1  # an arm and its static counterpart are of equal cost when their test costs are this close (points)
+
+
+def grid_cost(cp):
+    """The static cost nearest to a computation percentage (feature 6: the counterpart's search target)."""
+    return round(cp / STEP) * STEP
+
+
+def comparison_label(arm_cp, static_cp):
+    """'equal-cost' when the two test costs are within EQUAL points, else 'descriptive' (PLAN.md)."""
+    return "equal-cost" if abs(arm_cp - static_cp) <= EQUAL + 1e-9 else "descriptive"
 
 
 def records(study):

@@ -405,3 +405,22 @@ def test_eval_counterfactual_flag_end_to_end(tmp_path, capsys):
     record = json.loads((tmp_path / "r.json").read_text())["counterfactual"]
     assert record["options"] == ["skip", "8-bit", "16-bit", "full"] and record["halves"]["all"]["images"] == 20
     assert len(record["halves"]["all"]["delta_ce"]) == 8 and "counterfactual, all (20 images)" in capsys.readouterr().out
+
+
+# --- feature 6: equal-cost comparisons ----------------------------------------------------------------
+
+def test_the_counterpart_is_searched_at_the_nearest_static_cost_and_labelled_by_the_gap():
+    assert round5_analysis.grid_cost(2.30) == pytest.approx(2.34375)  # three 8-bit blocks
+    assert round5_analysis.grid_cost(1.9) == pytest.approx(1.5625) and round5_analysis.grid_cost(2.0) == pytest.approx(2.34375)
+    assert round5_analysis.grid_cost(0.3) == 0.0
+    assert round5_analysis.comparison_label(2.25, 2.34375) == "equal-cost"  # 0.094 apart
+    assert round5_analysis.comparison_label(2.227, 2.34375) == "descriptive"  # round 4's squared arm: 0.117 apart
+    assert round5_analysis.comparison_label(2.44375, 2.34375) == "equal-cost"  # 0.1 exactly
+
+
+def test_at_the_oracles_cost_round_4s_static_network_is_reused(tmp_path):
+    study = round5.Round5(str(tmp_path / "out"), str(tmp_path / "runs"))
+    records = {"arm": {"val": {"computation_percentage": 2.29}}}
+    r = study.equal_cost_static("static_of_arm", "arm", records, seed=1)
+    assert r["same_as"] == "round 4's static_3000_s1" and r["target"] == pytest.approx(2.34375)
+    assert r["test"]["computation_percentage"] == pytest.approx(2.34375)

@@ -16,11 +16,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from core import runfolder  # noqa: E402
 from study.round3 import code_commit, one_thread_env  # noqa: E402
 from study.round4 import LENGTHS, Round4  # noqa: E402
 from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, grid_cost, write  # noqa: E402
 
 DATA = "fashion-mnist-marked"
+ARCH = "dfs_resnet20"
 # Tier B's start (PLAN.md): round 4's oracle_3000_s0 without its routing, with round 3's per-option-BN stage-2 gate
 START_B = {"backbone": f"{R4}/checkpoints/oracle_3000_s0.pth", "gate": f"{R3}/checkpoints/gate_po_marked_s0.pth"}
 B0 = ["--train", "gate", "--distill-marked", ",".join(["skip"] * 8), "--distill-unmarked", ORACLE["unmarked"],
@@ -86,6 +88,41 @@ class Round5(Round4):
                  "--lr-steps", str(iters * 3 // 4), "--eval-every", str(iters)]
         return dict(base, policy=policy, **self.train_final(name, base["parent"], flags))
 
+    def park(self):
+        """Copy every unfinished run's state (checkpoint_latest, its logs) to OUT/unfinished/NAME, to be
+        committed: a session's end (or a fresh checkout) loses RUNS, not the work. Returns the names."""
+        import shutil
+        parked = []
+        records = self.records()
+        for _, name, *_ in plan():
+            folder = os.path.join(self.runs, name, ARCH)
+            latest = os.path.join(folder, runfolder.LATEST)
+            if name in records or not os.path.exists(latest):
+                continue
+            keep = os.path.join(self.out, "unfinished", name)
+            tmp = keep + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            shutil.copy(latest, os.path.join(tmp, "checkpoint_latest.pth"))  # .pth: *.pth.tar is not tracked
+            for f in (runfolder.LOG, runfolder.TRAIN_LOG, "train.log", "args.json"):
+                if os.path.exists(os.path.join(folder, f)):
+                    shutil.copy(os.path.join(folder, f), tmp)
+            shutil.rmtree(keep, ignore_errors=True)
+            os.replace(tmp, keep)
+            parked.append(name)
+        return parked
+
+    def unpark(self, name):
+        """Before `name` runs: a parked state (see park) becomes its run folder, unless RUNS already has one."""
+        import shutil
+        keep = os.path.join(self.out, "unfinished", name)
+        folder = os.path.join(self.runs, name, ARCH)
+        if not os.path.isdir(keep) or os.path.exists(os.path.join(folder, runfolder.LATEST)):
+            return
+        os.makedirs(folder, exist_ok=True)
+        for f in os.listdir(keep):
+            shutil.copy(os.path.join(keep, f), os.path.join(folder, runfolder.LATEST if f == "checkpoint_latest.pth" else f))
+
     def start_b(self):
         """Tier B's assembled start (core/assemble.py), made once in RUNS (a function of two committed files)."""
         from core.assemble import assemble
@@ -110,6 +147,7 @@ class Round5(Round4):
                     if name in self.records():  # finished by another lane since the check above
                         break
                     t = time.time()
+                    self.unpark(name)
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
                     record = self.run(name, kind, fields, self.records())
                     self.save(name, dict(record, tier=tier, code_commit=code_commit(),
@@ -132,8 +170,13 @@ def main():
     p.add_argument("--lane", type=int, help="any label: lanes share the queue")
     p.add_argument("--tiers", help="only these tiers, e.g. B (default: all, in the plan's order)")
     p.add_argument("--analyse-only", action="store_true")
+    p.add_argument("--park", action="store_true",
+                   help="copy the unfinished runs' states to OUT/unfinished (to commit before a session ends; a lane "
+                        "continues them from there in a fresh checkout)")
     args = p.parse_args()
     study = Round5(args.out, args.runs)
+    if args.park:
+        return print(f"parked: {', '.join(study.park()) or 'nothing'}")
     if args.lane is not None and not args.analyse_only:
         study.go(set(args.tiers) if args.tiers else None)
     write(study.records(), args.out)

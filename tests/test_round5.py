@@ -424,3 +424,28 @@ def test_at_the_oracles_cost_round_4s_static_network_is_reused(tmp_path):
     r = study.equal_cost_static("static_of_arm", "arm", records, seed=1)
     assert r["same_as"] == "round 4's static_3000_s1" and r["target"] == pytest.approx(2.34375)
     assert r["test"]["computation_percentage"] == pytest.approx(2.34375)
+
+
+def test_an_unfinished_run_is_parked_and_continues_from_a_fresh_checkout(tmp_path):
+    """park copies an unfinished run's state out of RUNS (which a session's end loses) into OUT; in a
+    fresh RUNS, unpark puts it back where train_final resumes from, byte for byte; finished runs and
+    runs that never started are left alone."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    study = round5.Round5(str(out), str(runs))
+    folder = runs / "b1_argmax_s0" / "dfs_resnet20"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_latest.pth.tar").write_bytes(b"state of iteration 1250")
+    (folder / "log.jsonl").write_text('{"step": 1250}\n')
+    (runs / "a_oracle_shared_300_s0" / "dfs_resnet20").mkdir(parents=True)
+    (runs / "a_oracle_shared_300_s0" / "dfs_resnet20" / "checkpoint_latest.pth.tar").write_bytes(b"done")
+    study.save("a_oracle_shared_300_s0", {"test": {}})
+    assert study.park() == ["b1_argmax_s0"]
+    assert (out / "unfinished" / "b1_argmax_s0" / "checkpoint_latest.pth").read_bytes() == b"state of iteration 1250"
+    fresh = round5.Round5(str(out), str(tmp_path / "fresh"))
+    fresh.unpark("b1_argmax_s0")
+    back = tmp_path / "fresh" / "b1_argmax_s0" / "dfs_resnet20"
+    assert (back / "checkpoint_latest.pth.tar").read_bytes() == b"state of iteration 1250"
+    assert (back / "log.jsonl").read_text() == '{"step": 1250}\n'
+    (back / "checkpoint_latest.pth.tar").write_bytes(b"further")
+    fresh.unpark("b1_argmax_s0")  # a run folder of its own wins
+    assert (back / "checkpoint_latest.pth.tar").read_bytes() == b"further"

@@ -1,7 +1,11 @@
 """The machinery behind the entry points at the repository root (train_*.py, eval.py, hubconf.py).
 
     settings     the three stages' command line: the authors' flags and ours, validation, what defines a run
-    engine       the training engine the stage scripts share: data, model, resume, the loop, checkpoints, logs
+    engine       the training engine the stage scripts share: the stage driver and its loop, checkpoints, logs
+    losses       the stages' losses: cross entropy, the budget terms, the policy-gradient and distillation losses
+    continuing   a run started or continued from a checkpoint: the model built and loaded, RNG state, own settings
+    provenance   what made a record: code commit (-dirty), versions, CPU (model, capability, VNNI, AMX)
+    assemble     a stage-3 start from two checkpoints: the backbone of one, the gate of another (python -m)
     evaluation   accuracy, computation percentage and decisions of a model; a model rebuilt from a checkpoint
     runfolder    run folders: one run per folder, one writer at a time, write failures in one line
     checkpoint   checkpoints written atomically and read with weights_only=True

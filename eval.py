@@ -18,16 +18,16 @@ import torch
 
 import data
 from core import distributed, int8
+from core.correct_bits import pack_bits
 from core.errors import CheckpointError, DFSError, UserError, value_error
 from core.evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
-from core.plots import plot
-from models import build_model
-from models.cost import option_costs
-from study.search_policy import UNITS, knapsack, option_units
 from core.intervals import accuracy_interval
+from core.plots import plot
+from core.policy_cost import UNITS, knapsack, option_units
 from core.provenance import cpu
 from core.settings import read_policy
-from study.significance import pack_bits
+from models import build_model
+from models.cost import option_costs
 
 
 def evaluate_checkpoint(path, args):

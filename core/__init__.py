@@ -12,6 +12,8 @@
     plots        accuracy against computation, per-block decisions, a run's training curves
     errors       the error hierarchy (DFSError) and the exit status of each error
     intervals    the Wilson interval of an accuracy on a test set (tables, plots, model zoo)
+    policy_cost  a static policy's cost in whole units, and the exact knapsack over policies (controls, search)
+    correct_bits which test images a model got right, packed into a record (--per-image, --controls)
 
-Nothing here imports the entry points or study/.
+Nothing here imports the entry points or study/ (tests/test_structure.py).
 """

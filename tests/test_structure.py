@@ -172,6 +172,12 @@ def test_no_entry_point_and_nothing_in_core_or_models_imports_study():
     assert not bad, "study/ is research code the entry points must not need:\n" + "\n".join(bad)
 
 
+def test_no_import_circle_among_the_repositorys_modules():
+    found = cycles(graph())
+    assert not found, "import circles (each a set of files that import one another):\n" + \
+        "\n".join(" <-> ".join(c) for c in found)
+
+
 @pytest.mark.parametrize("package", ["core", "models"])
 def test_core_and_models_import_no_entry_point(package):
     """The machinery below the entry points never reaches up to them (eval.py, train_*.py, hubconf.py)."""

@@ -9,7 +9,6 @@ prints the accuracy-vs-computation table and writes two PNGs: accuracy against c
 percentage, and each checkpoint's decision distribution per block (as the paper's figures). The
 table and the first plot give each top-1 its 95 % Wilson score interval on the number of test images.
 """
-import argparse
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ import sys
 import torch
 
 import data
-from core import distributed, int8
+from core import cli, distributed, int8
 from core.correct_bits import pack_bits
 from core.errors import CheckpointError, DFSError, UserError, value_error
 from core.evaluation import ESTIMATORS, evaluate, format_report, load_model, recalibrate_bn
@@ -231,8 +230,7 @@ def table(records):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pth or .pth.tar; a run's or a released one)")
     p.add_argument("--dataset", choices=data.DATASETS, help="the test set (default: the one the checkpoint was "
                                                             "trained on)")

@@ -38,6 +38,37 @@ def test_help_shows_each_stages_defaults_in_groups(stage, iters, lr):
         assert "--sync-bn" in text and "--minimum" not in text
 
 
+def test_help_states_each_default_once(capsys):
+    """A help that says its own default gets no "(default: ...)" after it, and no option shows "(default: None)"."""
+    import eval as eval_script
+    with pytest.raises(SystemExit):
+        eval_script.main(["--help"])
+    texts = {"eval.py": " ".join(capsys.readouterr().out.split())}
+    texts.update({stage.name: " ".join(settings.build_parser(stage).format_help().split())
+                  for stage in (train_base.STAGE, train_gate_init.STAGE, train_dfs.STAGE)})
+    assert "the test set (default: the one the checkpoint was trained on) --data-dir" in texts["eval.py"]
+    assert "(default: data)" in texts["eval.py"]  # a plain default is still shown
+    for name, text in texts.items():
+        assert "(default: None)" not in text and "(default: )" not in text, name
+        doubled = [chunk for chunk in text.split(" --") if chunk.count("default:") > 1]  # one option's help each
+        assert not doubled, (name, doubled)
+    assert "default: from the arch alias, else cifar10 --eval-every" in texts["base"]
+
+
+@pytest.mark.parametrize("script,argv,closest", [
+    ("train_dfs.py", ["train", "dfs_resnet20", "--minimun", "50"], "--minimum"),
+    ("eval.py", ["m.pth", "--datset", "synthetic"], "--dataset"),
+    ("train_base.py", ["train", "resnet20", "--no-such-flag-at-all"], None),
+    ("train_base.py", ["train", "resnet20", "--dataset", "imagenet"], None),  # a choice: argparse lists them
+])
+def test_a_mistyped_command_line_is_one_line_naming_the_closest_option(script, argv, closest):
+    r = run([sys.executable, script, *argv, "--device", "cpu"])
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error: "), r.stderr
+    assert err[0].endswith("(see --help)") and "usage:" not in r.stderr
+    assert (f"did you mean {closest}?" in err[0]) if closest else "did you mean" not in err[0]
+
+
 def test_the_authors_harmless_flags_are_accepted():
     args = settings.parse_args(train_dfs.STAGE, [
         "train", "cifar10_rnn_gate_38", "-d", "cifar10", "--verbose", "--pretrained", "--gate-type", "rnn",

@@ -43,7 +43,7 @@ def test_the_wrapper_forwards_every_argument():
     # A bare first argument is OUT (the older form), and the arguments after it are passed on too:
     # argparse objects to the unknown flag alone, so OUT arrived as --out OUT.
     r = gpu_check_sh("some_out", "--no-such-flag")
-    assert r.returncode == 2 and r.stderr.strip().endswith("error: unrecognized arguments: --no-such-flag"), r.stderr
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: unrecognized arguments: --no-such-flag (see --help)"), r.stderr
     assert not os.path.exists(os.path.join(ROOT, "some_out"))
 
 

@@ -1,5 +1,6 @@
 """The machinery behind the entry points at the repository root (train_*.py, eval.py, hubconf.py).
 
+    cli          the entry points' parser: one-line usage errors (the closest option named), each default once
     settings     the three stages' command line: the authors' flags and ours, validation, what defines a run
     engine       the training engine the stage scripts share: data, model, resume, the loop, checkpoints, logs
     evaluation   accuracy, computation percentage and decisions of a model; a model rebuilt from a checkpoint

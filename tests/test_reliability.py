@@ -690,6 +690,27 @@ def test_eval_process_prints_one_line_for_a_corrupt_checkpoint(tmp_path):
     one_line_error(r.stderr, bad)
 
 
+def test_a_folder_given_as_a_checkpoint_says_so_and_names_the_checkpoints_in_it(tmp_path, capsys):
+    """A save folder or run folder where a checkpoint belongs (eval.py, --resume): one line saying it is a
+    folder, naming the checkpoints in it and one level down, or saying it holds none."""
+    save = tmp_path / "save"
+    (save / "dfs_resnet20").mkdir(parents=True)
+    for name in ("checkpoint_latest.pth.tar", "model_best.pth.tar", "log.jsonl"):
+        (save / "dfs_resnet20" / name).write_bytes(b"")
+    capsys.readouterr()
+    assert eval_cli.main([str(save), "--dataset", "synthetic", "--device", "cpu"]) == 2
+    line = one_line_error(capsys.readouterr().err, f"{save} is a folder, not a checkpoint",
+                          save / "dfs_resnet20" / "checkpoint_latest.pth.tar", save / "dfs_resnet20" / "model_best.pth.tar")
+    assert "log.jsonl" not in line and "not found" not in line
+    rc, _ = train("gate_init", tmp_path / "s", ["--resume", save / "dfs_resnet20"], iters=1)
+    assert rc == 2
+    one_line_error(capsys.readouterr().err, "is a folder", save / "dfs_resnet20" / "model_best.pth.tar")
+    (tmp_path / "empty").mkdir()
+    assert eval_cli.main([str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    one_line_error(capsys.readouterr().err, "is a folder, not a checkpoint: it holds no checkpoint")
+    assert not (tmp_path / "s").exists()
+
+
 def test_eval_matches_the_training_evaluation(parents, tmp_path, capsys):
     """eval.py on a good checkpoint (the positive control for the tests above)."""
     out = tmp_path / "out.json"

@@ -257,6 +257,30 @@ def test_eval_time_flag_end_to_end(tmp_path, capsys):
     assert all(set(r["timing"]) >= {"batch_8", "batch_1", "hardware"} for r in records)
 
 
+def test_eval_warns_of_another_data_set_and_shows_progress_in_a_pipe(tmp_path, capsys):
+    """A checkpoint of one data set tested on another: one warning line naming both. Without a terminal
+    (a pipe, a log) the progress is a line at every tenth of the batches, the last one n/n."""
+    import eval as eval_script
+    from core.checkpoint import save_checkpoint
+    from helpers import small_synthetic
+    from models import build_model
+    model = build_model("dfs_resnet20", options="skip,8,full")
+    path = tmp_path / "m.pth.tar"
+    ckpt = {"model": model.state_dict(), "stage": "dfs", "arch": "dfs_resnet20", "num_classes": 10, "step": 0,
+            "options": ["skip", 8, "full"], "args": {"dataset": "fashion-mnist"}}
+    save_checkpoint(ckpt, str(path))
+    with small_synthetic(16, 40):
+        assert eval_script.main([str(path), "--dataset", "synthetic", "--device", "cpu", "--batch-size", "2"]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == (f"warning: {path} was trained on fashion-mnist, not synthetic: its figures here are on "
+                          "images of another data set (leave out --dataset to test it on its own)")
+        assert [line.split(" batches,")[0] for line in err[1:]] == [f"m.pth.tar: {i}/20" for i in range(2, 21, 2)]
+        save_checkpoint(dict(ckpt, args={"dataset": "synthetic"}), str(path))
+        assert eval_script.main([str(path), "--dataset", "synthetic", "--device", "cpu", "--batch-size", "16"]) == 0
+        own = capsys.readouterr().err.strip().splitlines()  # its own data set: no warning; 3 batches, a line each
+        assert [line.split(" batches,")[0] for line in own] == [f"m.pth.tar: {i}/3" for i in (1, 2, 3)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("script", ["eval.py", "benchmarks/speed.py", "benchmarks/latency_table.py",
                                     "train_base.py"])

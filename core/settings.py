@@ -62,7 +62,8 @@ def build_parser(stage):
     r.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and dither")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     r.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
+                   help="start over in a run folder that holds a run: its files move aside to "
+                        "SAVE_FOLDER/ARCH.replaced-TIME (nothing is deleted)")
     if stage.gated:
         r.add_argument("--options", default=None,
                        help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "

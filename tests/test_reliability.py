@@ -275,8 +275,10 @@ def test_an_extension_says_so_and_keeps_the_earlier_record(tmp_path, capsys):
     capsys.readouterr()
     assert bare_resume("base", latest(save, "base")) == (0, [])  # the extended run is now 4 iterations
     assert "nothing to do" in capsys.readouterr().out and snapshot(save) == before
-    assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one
+    assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one here
     assert not (folder / "args.until-2.json").exists()
+    aside, = save.glob("resnet20.replaced-*")  # ... and the old one, moved aside whole
+    assert (aside / "args.until-2.json").read_bytes() == first and load(str(aside / "checkpoint_latest.pth.tar"))["step"] == 4
 
 
 def test_a_bare_resume_under_another_spelling_of_the_network_continues_in_the_runs_folder(tmp_path, monkeypatch):
@@ -887,12 +889,22 @@ def test_a_second_run_in_a_folder_refuses_and_leaves_the_first_untouched(case, p
     assert snapshot(save) == before  # bytes and times of every file
 
 
-def test_overwrite_starts_over_with_exactly_one_run(tmp_path):
+def test_overwrite_starts_over_with_exactly_one_run_and_moves_the_old_one_aside(tmp_path, capsys):
     save, folder = tmp_path / "save", run_folder(tmp_path / "save")
     assert train("base", save, ["--eval-every", "1", "--print-freq", "1"], iters=2)[0] == 0
     (folder / ".tmp-checkpoint_latest.pth.tar-left-by-a-killed-writer").write_bytes(b"PK")
+    (folder / "notes.txt").write_text("mine")  # not a file of the run: it stays
+    old = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name not in (".lock", "notes.txt")
+           and not p.name.startswith(".tmp-")}
+    capsys.readouterr()
     rc, steps = train("base", save, ["--overwrite", "--lr", "0.05", "--eval-every", "3"], iters=3)
     assert rc == 0 and [s for s, _, _ in steps] == [1, 2, 3]
+    aside, = save.glob("resnet20.replaced-*")  # the finished run, whole: nothing was deleted
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old and {"checkpoint_latest.pth.tar", "log.jsonl"} <= set(old)
+    out = capsys.readouterr().out
+    assert f"moved the run in {folder} (stage base, iteration 2 of 2" in out
+    assert f") to {aside}; delete that folder when it is no longer needed" in out
+    assert (folder / "notes.txt").read_text() == "mine"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1 and not temporary_files(folder)
     assert [r["step"] for r in stage_records(save, "base")] == [3]
     assert json.loads((folder / "args.json").read_text())["lr"] == 0.05

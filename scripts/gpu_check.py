@@ -219,7 +219,11 @@ def main(argv=None):
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(markdown(report))
-    return 0 if all(r["ok"] for r in report["items"].values()) else 1
+    results = report["items"].values()
+    dry = " (the dry run: the plumbing on the CPU, no GPU checked)" if device.type == "cpu" else ""
+    print(f"{sum(r['ok'] for r in results)} of {len(results)} items ok on {device}{dry}; the report: "
+          f"{os.path.abspath(os.path.join(args.out, 'gpu_check.md'))} (and gpu_check.json beside it)")
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 def markdown(report):

@@ -34,6 +34,23 @@ def test_the_zoo_page_and_json_are_what_the_script_makes_from_the_records_and_fi
     assert json.loads(json.dumps(rows)) == ZOO, "docs/model_zoo.json is stale: run python study/model_zoo.py"
 
 
+def test_start_here_shows_the_median_seed_and_its_static_counterpart():
+    """Not the best of three seeds: the median one by test top-1, and the row after it is its counterpart."""
+    by_name = {r["name"]: r for r in ZOO}
+    names = model_zoo.start_here(by_name)
+    seeds = sorted((by_name[f"dfs_po_lowbit_cp1.2_s{s}"]["test"]["top1"], s) for s in range(3))
+    assert names[-2] == f"dfs_po_lowbit_cp1.2_s{seeds[1][1]}" == "dfs_po_lowbit_cp1.2_s0"  # 92.39 < 92.41 < 92.55
+    with open(os.path.join(ROOT, "results", "fashion-mnist-round3", "results.json")) as f:
+        record = json.load(f)["runs"][f"static_of_{names[-2]}"]
+    counterpart = by_name[names[-1]]
+    assert record["match"] == names[-2] and record["same_as"] == f"round2:{names[-1]}"
+    assert counterpart["test"]["top1"] == record["test"]["accuracy"] == 92.55
+    with open(os.path.join(ROOT, "docs", "model_zoo.md")) as f:
+        page = f.read().split("```python", 1)[0]
+    assert f"[`{counterpart['hub']}`]" in page and "static counterpart of `dfs_po_lowbit_cp1_2_s0`" in page
+    assert "dfs_po_lowbit_cp1_2_s1" not in page
+
+
 def test_every_released_checkpoint_is_listed_with_its_size_and_sha256():
     released = sorted(os.path.relpath(p, ROOT) for folder in ("fashion-mnist", "fashion-mnist-dynamic", "fashion-mnist-round3")
                       for p in glob.glob(os.path.join(ROOT, "results", folder, "checkpoints", "*.pth")))

@@ -69,6 +69,20 @@ def test_a_mistyped_command_line_is_one_line_naming_the_closest_option(script, a
     assert (f"did you mean {closest}?" in err[0]) if closest else "did you mean" not in err[0]
 
 
+def test_the_readme_quick_check_logs_an_interval_in_every_stage():
+    """docs/training.md: train.jsonl and training.png come every --print-freq iterations. The README's quick
+    check (20 and 10 iterations) sets --print-freq at most its --iters, so every stage's folder has them."""
+    import shlex
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("A quick check of the three stages", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    stages = [shlex.split(line) for line in block.splitlines() if line.startswith("python train_")]
+    assert len(stages) == 3
+    for words in stages:
+        iters, freq = (int(words[words.index(flag) + 1]) for flag in ("--iters", "--print-freq"))
+        assert freq <= iters and iters % freq == 0, words
+
+
 def test_the_authors_harmless_flags_are_accepted():
     args = settings.parse_args(train_dfs.STAGE, [
         "train", "cifar10_rnn_gate_38", "-d", "cifar10", "--verbose", "--pretrained", "--gate-type", "rnn",

@@ -170,13 +170,23 @@ def test_each_rows_command_parses_back_to_the_arguments_stored_in_its_file():
     assert compared > 15 * len(ZOO)  # about 19 arguments a file
 
 
-def test_the_readme_first_screen_snippet_runs_as_written():
-    """The README's "try it" block, with the repository's path filled in: the documented shapes come out."""
+def test_the_readme_first_screen_snippet_runs_as_written(capsys):
+    """The README's "try it" block, with the repository's path filled in: the documented shapes come out, and
+    it prints each image's class and computation percentage. Beside it: the pinned torch's size, and the
+    CPU-only build."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    intro, rest = text.split("```python\n", 1)
+    block = rest.split("```", 1)[0]
     assert text.index(block) < text.index("## The two commands, in detail")  # on the first screen
+    beside = intro.rstrip().rsplit("\n\n", 1)[-1]  # the paragraph that introduces it
+    assert "5.6 GB" in beside and "pip install torch==2.14.1 --index-url\nhttps://download.pytorch.org/whl/cpu" in beside
     scope = {}
+    capsys.readouterr()
     exec(block.replace("path/to/this/repository", ROOT), scope)
-    assert scope["logits"].shape == (4, 10) and scope["decisions"].shape == (4, 8, 4)
-    assert torch.equal(scope["decisions"].sum(2), torch.ones(4, 8))  # one-hot: one option per block
+    logits, decisions, model = scope["logits"], scope["decisions"], scope["model"]
+    assert logits.shape == (4, 10) and decisions.shape == (4, 8, 4)
+    assert torch.equal(decisions.sum(2), torch.ones(4, 8))  # one-hot: one option per block
+    per_image = [float(model.computation_percentage(decisions[i:i + 1])) for i in range(4)]
+    assert capsys.readouterr().out.splitlines() == [
+        f"classes: {logits.argmax(1).tolist()}", f"computation % per image: {[round(c, 2) for c in per_image]}"]

@@ -9,26 +9,26 @@ prints the accuracy-vs-computation table and writes two PNGs: accuracy against c
 percentage, and each checkpoint's decision distribution per block (as the paper's figures). The
 table and the first plot give each top-1 its 95 % Wilson score interval on the number of test images.
 """
-import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
 import data
-from core import distributed, int8
+from core import cli, distributed, int8
+from core.correct_bits import pack_bits
 from core.errors import CheckpointError, DFSError, UserError, value_error
 from core.evaluation import (ESTIMATORS, counterfactuals, evaluate, format_counterfactuals, format_report, load_model,
                              recalibrate_bn)
-from core.plots import plot
-from models import build_model
-from models.cost import option_costs
-from study.search_policy import UNITS, knapsack, option_units
 from core.intervals import accuracy_interval
+from core.plots import plot
+from core.policy_cost import UNITS, knapsack, option_units
 from core.provenance import cpu
 from core.settings import read_policy
-from study.significance import pack_bits
+from models import build_model
+from models.cost import option_costs
 
 
 def evaluate_checkpoint(path, args):
@@ -43,7 +43,11 @@ def evaluate_checkpoint(path, args):
             raise UserError(f"{path}: {e}")
         if distributed.is_main():
             print(f"--int8: {int8.describe(int8.path_of(model))}")
-    dataset = args.dataset or (ckpt.get("args") or {}).get("dataset") or "cifar10"
+    trained_on = (ckpt.get("args") or {}).get("dataset")
+    dataset = args.dataset or trained_on or "cifar10"
+    if trained_on and dataset != trained_on and distributed.is_main():
+        print(f"warning: {path} was trained on {trained_on}, not {dataset}: its figures here are on images of "
+              f"another data set (leave out --dataset to test it on its own)", file=sys.stderr)
     if data.NUM_CLASSES.get(dataset, ckpt["num_classes"]) != ckpt["num_classes"]:
         raise CheckpointError(f"{path} has {ckpt['num_classes']} classes, {dataset} has {data.NUM_CLASSES[dataset]}")
     batches = data.test_batches(dataset, args.data_dir, args.batch_size, download=args.download,
@@ -105,11 +109,23 @@ def evaluate_checkpoint(path, args):
 
 
 def progress(batches, path):
-    """`batches`, with a progress bar on a terminal (process 0; nothing in a log or a pipe)."""
-    if not (sys.stderr.isatty() and distributed.is_main()):
+    """`batches`, with a progress bar on a terminal, else a line on stderr at every tenth of them (process 0)."""
+    if not distributed.is_main():
         return batches
-    from tqdm import tqdm
-    return tqdm(batches, total=len(batches), desc=os.path.basename(path), leave=False, unit="batch")
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(batches, total=len(batches), desc=os.path.basename(path), leave=False, unit="batch")
+    return progress_lines(batches, os.path.basename(path))
+
+
+def progress_lines(batches, name, parts=10):
+    """Yield `batches`, printing "NAME: i/n batches, s s" after each `parts`-th of them (for a log or a pipe)."""
+    total, start = len(batches), time.perf_counter()
+    every = max(1, -(-total // parts))
+    for i, batch in enumerate(batches, 1):
+        yield batch
+        if i % every == 0 or i == total:
+            print(f"{name}: {i}/{total} batches, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def apply_routes(model, path, dataset, args):
@@ -236,8 +252,7 @@ def table(records):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pth or .pth.tar; a run's or a released one)")
     p.add_argument("--dataset", choices=data.DATASETS, help="the test set (default: the one the checkpoint was "
                                                             "trained on)")

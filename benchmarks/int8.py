@@ -21,7 +21,6 @@ Then the whole network at every batch size: plain fp32 (NCHW and channels_last),
 and fused, split fused; channels_last). The record names the CPU, the path the self-check chooses
 here and ONEDNN_MAX_CPU_ISA (set it to AVX2 to run oneDNN's kernel for CPUs without VNNI).
 """
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import int8  # noqa: E402
+from core import cli, int8  # noqa: E402
 from core.provenance import cpu as cpu_info  # noqa: E402
 from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
@@ -158,7 +157,7 @@ def measure(depth, batch_sizes, repeats, round_ms):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=38)
     p.add_argument("--batch-sizes", default="128,1")
     p.add_argument("--repeats", type=int, default=5)

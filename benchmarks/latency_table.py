@@ -8,7 +8,6 @@ with), eval mode, no autograd; skip is the block's shortcut. Timed round-robin, 
 (core/timing.py). --costs-out writes, per gated block, each option's time divided by that block's
 full-precision time: a latency-true cost table (a departure from the paper's (b/32)^2).
 """
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import distributed, int8  # noqa: E402
+from core import cli, distributed, int8  # noqa: E402
 from core.errors import value_error  # noqa: E402
 from core.timing import hardware, round_robin  # noqa: E402
 from models import build_model  # noqa: E402
@@ -53,7 +52,7 @@ def cost_table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=38)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--options", default="default")

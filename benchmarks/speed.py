@@ -12,7 +12,6 @@ round, and each figure is the median of its rounds, so ratios share the machine'
 On CUDA, times come from CUDA events. Prints a table of times and ratios to plain; --json
 writes every figure with the settings (device, threads, torch, TF32, compile).
 """
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import distributed  # noqa: E402
+from core import cli, distributed  # noqa: E402
 from core.errors import value_error  # noqa: E402
 from core.timing import milliseconds  # noqa: E402
 from models import build_model  # noqa: E402
@@ -172,7 +171,7 @@ def reference(name):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--depths", type=int, nargs="+", default=[38, 74])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)

@@ -1,5 +1,6 @@
 """The machinery behind the entry points at the repository root (train_*.py, eval.py, hubconf.py).
 
+    cli          the entry points' parser: one-line usage errors (the closest option named), each default once
     settings     the three stages' command line: the authors' flags and ours, validation, what defines a run
     engine       the training engine the stage scripts share: the stage driver and its loop, checkpoints, logs
     losses       the stages' losses: cross entropy, the budget terms, the policy-gradient and distillation losses
@@ -16,6 +17,8 @@
     plots        accuracy against computation, per-block decisions, a run's training curves
     errors       the error hierarchy (DFSError) and the exit status of each error
     intervals    the Wilson interval of an accuracy on a test set (tables, plots, model zoo)
+    policy_cost  a static policy's cost in whole units, and the exact knapsack over policies (controls, search)
+    correct_bits which test images a model got right, packed into a record (--per-image, --controls)
 
-Nothing here imports the entry points or study/.
+Nothing here imports the entry points or study/ (tests/test_structure.py).
 """

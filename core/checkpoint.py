@@ -50,6 +50,11 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint of this project, or of the authors' code (converted, with one line on
     stderr saying what was imported), always with weights_only=True; else raise CheckpointError."""
+    if os.path.isdir(path):
+        inside = checkpoints_in(path)
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: " + (
+            f"give one of the checkpoints in it: {', '.join(inside)}" if inside else
+            "it holds no checkpoint (.pth or .pth.tar), nor does any folder in it"))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -74,6 +79,17 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected a dict with {expected}) "
                               f"or of the authors' code")
     return ckpt
+
+
+def checkpoints_in(folder, at_most=6):
+    """The checkpoint files (.pth, .pth.tar) in `folder` and in the folders in it (a save folder holds
+    ARCH/checkpoint_latest.pth.tar), as paths under `folder`, sorted; beyond `at_most`, a count of the rest."""
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = sorted(dirs) if here == folder else []  # the folder and one level below it
+        found += [os.path.join(here, f) for f in sorted(files)
+                  if f.endswith((".pth", ".pth.tar")) and not f.startswith(".tmp-")]
+    return found[:at_most] + ([f"and {len(found) - at_most} more"] if len(found) > at_most else [])
 
 
 RELEASE_KEYS = ("model", "stage", "arch", "num_classes", "step", "best_acc", "options", "policy", "model_config", "args",

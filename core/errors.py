@@ -56,6 +56,6 @@ class WriteError(DFSError):
 
 
 def value_error(parser, message):
-    """A value the command cannot use, though its syntax parsed: one line and exit status 2 (argparse's
-    `error`, which prints the whole usage first, stays for syntax errors)."""
+    """A value the command cannot use, though its syntax parsed: one line and exit status 2, as core/cli.py's
+    Parser reports a syntax error."""
     parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")

@@ -5,8 +5,9 @@ model_best.pth.tar, log.jsonl, args.json (and, for a run extended past its first
 args.until-ITERS.json: its settings before) and TensorBoard events. `claim` hands it to one
 training process: it creates the folder and test-writes it, takes an advisory lock (flock; the
 OS drops it when the process dies, so a crash never leaves the folder locked), refuses to start
-a second run over an existing one unless told to overwrite it, and, when a run continues, drops
-the log records past its checkpoint. `writing(path)` turns an OSError into a WriteError that
+a second run over an existing one unless told to overwrite it (the earlier run then moves aside to
+FOLDER.replaced-TIME, never deleted), and, when a run continues, drops the log records past its
+checkpoint. `writing(path)` turns an OSError into a WriteError that
 names the file; the engine reports it in one line with exit status 4.
 """
 import contextlib
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import threading
+import time
 
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.errors import FolderError, WriteError
@@ -25,6 +27,7 @@ EVENTS = "events.out.tfevents.*"
 LOCK = ".lock"
 TEMPORARY = ".tmp-*"  # checkpoint.save_checkpoint's temporary files
 EARLIER_ARGS = "args.until-{}.json"  # an extended run's settings up to its earlier end
+REPLACED = ".replaced-"  # FOLDER.replaced-TIME: a run that --overwrite replaced, moved aside
 
 
 @contextlib.contextmanager
@@ -178,11 +181,16 @@ def claim(folder, *, resume=None, step=0, overwrite=False):
 
 
 def _settle(folder, existing, step, same_run):
-    """Leave `folder` holding only the run about to start or continue (the lock is held)."""
+    """Leave `folder` holding only the run about to start or continue (the lock is held). A run that
+    --overwrite replaces is moved aside whole, never deleted; only the files of a run that saved no
+    checkpoint (nothing to continue or evaluate) are removed."""
     if same_run:
         truncate_log(folder, step)
-    else:  # a new run: nothing of an earlier one may mix into its log, events or checkpoints
-        what = f"the run ({describe(existing)})" if existing else "the files of a run that saved no checkpoint"
+    elif existing:  # --overwrite: nothing of the earlier run may mix into the new one's files
+        what = describe(existing)
+        aside = set_aside(folder, [p for p in run_files(folder) if p not in matching(folder, TEMPORARY)])
+        print(f"moved the run in {folder} ({what}) to {aside}; delete that folder when it is no longer needed")
+    else:
         files = run_files(folder)
         try:
             for path in files:
@@ -190,9 +198,30 @@ def _settle(folder, existing, step, same_run):
         except OSError as e:
             raise FolderError(f"cannot clear {folder}: {e.strerror or e}")
         if files:
-            print(f"removed {what} from {folder}")
+            print(f"removed the files of a run that saved no checkpoint from {folder}")
     for path in matching(folder, TEMPORARY):  # left by a writer that was killed
         os.remove(path)
+
+
+def set_aside(folder, files):
+    """Move `files` (of the run in `folder`) into a new folder beside it, FOLDER.replaced-YYYYMMDD-HHMMSS
+    (-2, -3, ... if that exists); returns its path. FolderError if they cannot be moved."""
+    base = os.path.normpath(folder) + REPLACED + time.strftime("%Y%m%d-%H%M%S")
+    aside, n = base, 1
+    try:
+        while True:
+            try:
+                os.mkdir(aside)
+                break
+            except FileExistsError:
+                n += 1
+                aside = f"{base}-{n}"
+        for path in files:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+    except OSError as e:
+        raise FolderError(f"cannot move the run in {folder} aside to {aside}: {e.strerror or e}; "
+                          "nothing was deleted")
+    return aside
 
 
 class RunFolder:

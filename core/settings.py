@@ -8,7 +8,7 @@ import math
 import torch
 
 import data
-from core import distributed
+from core import cli, distributed
 from core.errors import UserError, value_error
 from models import is_gated, parse_options, resolve_name
 from models.dfs_resnet import EXECUTIONS
@@ -22,8 +22,7 @@ TITLES = {"base": "Stage 1: train the plain CIFAR ResNet backbone at full precis
 
 def build_parser(stage):
     """The authors' command line (`train|test ARCH`, --minimum, --beta, ...) plus our own flags, in groups."""
-    p = argparse.ArgumentParser(description=TITLES.get(stage.name, f"DFS stage {stage.name}"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=TITLES.get(stage.name, f"DFS stage {stage.name}"))
     p.add_argument("cmd", choices=["train", "test"], help="train, or test a checkpoint given with --resume")
     p.add_argument("arch", help="e.g. resnet38, dfs_resnet38, cifar10_resnet_38, cifar10_rnn_gate_38")
     a = p.add_argument_group("the authors' flags")
@@ -63,7 +62,8 @@ def build_parser(stage):
     r.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and dither")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     r.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds a run: delete its checkpoints, log and events")
+                   help="start over in a run folder that holds a run: its files move aside to "
+                        "SAVE_FOLDER/ARCH.replaced-TIME (nothing is deleted)")
     if stage.gated:
         r.add_argument("--options", default=None,
                        help="preset (default, paper, skipnet) or list like skip,8,16,full; default: "

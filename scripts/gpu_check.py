@@ -20,7 +20,6 @@ result and time; one that fails is reported and the others still run:
 5. torchrun: 2 processes with NCCL if 2 GPUs are visible (else 1), one stage-1 run.
 6. speed: benchmarks/speed.py on the device (dry run: one small configuration).
 """
-import argparse
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from core import distributed, runfolder  # noqa: E402
+from core import cli, distributed, runfolder  # noqa: E402
 
 TEST_FILES = ["tests/test_quantize.py", "tests/test_models.py", "tests/test_execution.py", "tests/test_spec.py"]
 
@@ -185,8 +184,7 @@ ITEMS = ("tests", "sparse_vs_dense", "quantizer", "stages", "torchrun", "speed")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --quick: the dry run)")
     p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and gpu_check.md")
     p.add_argument("--quick", action="store_true", help="the smallest sizes (the dry run)")
@@ -221,7 +219,11 @@ def main(argv=None):
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(markdown(report))
-    return 0 if all(r["ok"] for r in report["items"].values()) else 1
+    results = report["items"].values()
+    dry = " (the dry run: the plumbing on the CPU, no GPU checked)" if device.type == "cpu" else ""
+    print(f"{sum(r['ok'] for r in results)} of {len(results)} items ok on {device}{dry}; the report: "
+          f"{os.path.abspath(os.path.join(args.out, 'gpu_check.md'))} (and gpu_check.json beside it)")
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 def markdown(report):

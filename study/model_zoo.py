@@ -29,10 +29,11 @@ ROUND1, ROUND2, ROUND3 = "results/fashion-mnist", "results/fashion-mnist-dynamic
 TIMES = {"fp32": ["docs/measured-time-fashion-mnist.json", "docs/measured-time-fashion-mnist-dynamic.json"],
          "int8": ["docs/measured-time-fashion-mnist-int8.json"]}
 MARKDOWN, JSON = "docs/model_zoo.md", "docs/model_zoo.json"
-# The "start here" rows: the backbone, DFS at three targets, SkipNet-style skipping, static 8 bits, the best
-# per-option-BN row (round 3's most accurate DFS network below 1.5 % computation)
-START_HERE = ("backbone", "dfs_cp10_s0", "dfs_cp20_s0", "dfs_cp50_s0", "skipnet_cp20_s0", "static-8_s0",
-              "dfs_po_lowbit_cp1.2_s1")
+# The "start here" rows: the backbone, DFS at three targets, SkipNet-style skipping, static 8 bits, then
+# round 3's most accurate per-option-BN DFS recipe below 1.5 % computation at the seed whose test top-1 is
+# the median of its three (not the best one), followed by that seed's static counterpart
+START_HERE = ("backbone", "dfs_cp10_s0", "dfs_cp20_s0", "dfs_cp50_s0", "skipnet_cp20_s0", "static-8_s0")
+START_HERE_SEEDS = "dfs_po_lowbit_cp1.2_s{}"
 SCRIPTS = {"base": "train_base.py", "gate_init": "train_gate_init.py", "dfs": "train_dfs.py"}
 NOT_IN_COMMAND = {"cmd", "arch", "device", "data_dir", "download", "print_freq", "workers", "verbose", "tf32",
                   "overwrite", "options", "bn",  # where it ran, not what it trained (options: said below)
@@ -269,13 +270,40 @@ def figures(r):
     return f"- (val {r['val']['top1']:.2f})", f"- (val {r['val']['computation_percentage']:.2f})"
 
 
+def median_seed(by_name, stem, seeds=(0, 1, 2)):
+    """The run of `stem` (a name with {} for the seed) whose test top-1 is the median of its seeds'."""
+    names = sorted((stem.format(s) for s in seeds), key=lambda n: (by_name[n]["test"]["top1"], n))
+    return names[len(names) // 2]
+
+
+def counterpart(name):
+    """The row of a round-3 DFS run's static counterpart: its own file, or the round-2 one it is the same
+    network as (the same policy, parent, seed and schedule: `same_as` in round 3's record)."""
+    same_as = read(f"{ROUND3}/results.json")["runs"][f"static_of_{name}"].get("same_as", "")
+    return same_as.removeprefix("round2:") if same_as.startswith("round2:") else f"static_of_{name}"
+
+
+def start_here(by_name):
+    """The names of the start-here rows, in order."""
+    dfs = median_seed(by_name, START_HERE_SEEDS)
+    return START_HERE + (dfs, counterpart(dfs))
+
+
 def markdown(rows):
     by_name = {r["name"]: r for r in rows}
     start = ["| entry point | what it is | test top-1 % [95 % interval] | computation % |", "|---|---|---|---:|"]
-    for name in START_HERE:
+    names = start_here(by_name)
+    for name in names:
         r = by_name[name]
         top1, cp = figures(r)
-        start.append(f"| [`{r['hub']}`](../{r['file']}) | {what(r)} ({short(r['options'])}) | {top1} | {cp} |")
+        text = what(r)
+        if name == names[-1]:  # the counterpart: said of the row above it
+            policy = ",".join(p.removesuffix("-bit") for p in r["policy"])
+            text = (f"static counterpart of `{by_name[names[-2]]['hub']}`: policy {policy} for every image, "
+                    f"searched on validation at its cost and trained as long")
+        elif name == names[-2]:
+            text += ", the median of seeds 0-2 by test top-1"
+        start.append(f"| [`{r['hub']}`](../{r['file']}) | {text} ({short(r['options'])}) | {top1} | {cp} |")
     lines = [HEADER.format(start_here="\n".join(start)),
              "| entry point (file) | data set | network | options | method: target or policy "
              "| test top-1 % [95 % interval] | computation % | measured time %, batch 128 / 1 | parameters / MACs (M) "

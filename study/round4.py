@@ -28,8 +28,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from core import runfolder  # noqa: E402
+from study import round4_analysis  # noqa: E402
 from study.round2_analysis import fmt_policy  # noqa: E402
 from study.round3 import Study, code_commit, one_thread_env  # noqa: E402
+# The plan's definitions that the analysis judges by too live in round4_analysis (it imports no runner).
+from study.round4_analysis import ARMS, GRIDS, TARGET, pilot_name, select_weight, verdict  # noqa: E402,F401
 
 R3 = "results/fashion-mnist-round3"
 ARCH = "dfs_resnet20"
@@ -43,11 +46,9 @@ LENGTHS = {300: ["--iters", "300", "--lr-steps", "225", "--eval-every", "300"],
 
 
 # Tier B-C (PLAN.md): seed 0, from round 3's per-option-BN stage 2, 3,000 iterations at the static cost
-TARGET = "2.34375"
 GATED = "gate_po_marked_s0"
 ARM = ["--lr-steps", "2250", "--eval-every", "250"]
 PILOT_ITERS, ARM_ITERS = 1000, 3000
-GRIDS = {"signed": ("0.001", "0.01", "0.1"), "squared": ("10", "100", "1000"), "deadband": ("0.001", "0.01", "0.1")}
 TERM_FLAGS = {"signed": [], "squared": [], "deadband": ["--budget-band", "0.5", "--budget-cap", "0.1"]}
 GUMBEL = ["--gate-estimator", "gumbel", "--gumbel-tau", "5:0.5"]
 WINDOW = 1.0  # the static counterpart's search window below the arm's validation cost (round 3's for these options)
@@ -76,7 +77,6 @@ def after_seed_0(records):
     """The runs the plan adds once seed 0 has decided (none before): for every arm that passes, seeds 1-2
     and their searched static counterparts, and tier D, its recipe on fashion-mnist-marked-random from a
     backbone and stage 2 trained there."""
-    from study.round4_analysis import ARMS, verdict
     if any(a not in records or f"static_of_{a}" not in records for a in ARMS):
         return []
     passing = [a for a in ARMS if verdict(records[a], records[f"static_of_{a}"])[4]]
@@ -91,18 +91,6 @@ def after_seed_0(records):
                  ("D", "gate_po_random_s0", "gate", {}, ("backbone_random",))]
         runs += [("D", f"d_{arm}", "negative", dict(arm=arm), (arm, "gate_po_random_s0")) for arm in passing]
     return runs
-
-
-def pilot_name(term, weight):
-    return f"pilot_{term}_w{weight}_s0"
-
-
-def select_weight(records, term):
-    """The plan's rule: the smallest weight whose validation cost at iteration 1,000 is at most 1.1 x the
-    target; if none, the largest. Returns the pilot's name."""
-    binding = [w for w in GRIDS[term]
-               if records[pilot_name(term, w)]["val"]["computation_percentage"] <= 1.1 * float(TARGET)]
-    return pilot_name(term, min(binding, key=float) if binding else max(GRIDS[term], key=float))
 
 
 def select_gumbel_arm(records):
@@ -305,10 +293,6 @@ class Round4(Study):
 
     def tier_a_allows(self):
         """False once tier A is complete and its certificate fails at both lengths (the plan's decision rule)."""
-        try:
-            from study import round4_analysis
-        except ImportError:
-            return True
         records = self.records()
         _, verdicts = round4_analysis.tier_a(records, round4_analysis.round3_runs())
         return any(v[3] != "fails" for v in verdicts.values())
@@ -324,10 +308,6 @@ def main():
     study = Round4(args.out, args.runs)
     if args.lane is not None and not args.analyse_only:
         study.go()
-    try:
-        from study import round4_analysis
-    except ImportError:  # the lanes run from a commit that may precede the analysis
-        return print("no study/round4_analysis.py here: run --analyse-only from a checkout that has it")
     round4_analysis.write(study.records(), args.out)
 
 

@@ -2,6 +2,10 @@
 whose 300-iteration static counterparts tier A pairs against).
 
     python study/round4.py --analyse-only      # writes OUT/results.md
+
+It also holds the plan's definitions that the runner decides by (the target, the pilots' weight grids
+and the rule that selects one, the arms and their pass criterion): study/round4.py imports them from
+here, and this module imports no runner.
 """
 import json
 import os
@@ -85,6 +89,20 @@ def tier_a(runs, r3):
 TERMS = ("signed", "squared", "deadband")
 ARMS = tuple(f"b_{t}_s0" for t in TERMS) + ("c_gumbel_s0",)
 GAP, BITS, MIN_BLOCKS = 3.0, 0.5, 4  # the pass criterion: points, bits, blocks
+TARGET = "2.34375"  # tiers B-C's target, the static policy's cost, as --minimum is given it
+GRIDS = {"signed": ("0.001", "0.01", "0.1"), "squared": ("10", "100", "1000"), "deadband": ("0.001", "0.01", "0.1")}
+
+
+def pilot_name(term, weight):
+    return f"pilot_{term}_w{weight}_s0"
+
+
+def select_weight(records, term):
+    """The plan's rule: the smallest weight whose validation cost at iteration 1,000 is at most 1.1 x the
+    target; if none, the largest. Returns the pilot's name."""
+    binding = [w for w in GRIDS[term]
+               if records[pilot_name(term, w)]["val"]["computation_percentage"] <= 1.1 * float(TARGET)]
+    return pilot_name(term, min(binding, key=float) if binding else max(GRIDS[term], key=float))
 
 
 def pilots(runs):
@@ -98,9 +116,8 @@ def pilots(runs):
         h = r["val"]["routing"]["halves"]
         rows.append(f"| {r['term']} | {r['weight']} | {cps} | {h['marked']['computation_percentage']:.2f} / "
                     f"{h['unmarked']['computation_percentage']:.2f} | {r['val']['acc']:.2f} |")
-    from study import round4  # the rule itself, as the study applies it
-    chosen = [f"{term}: {round4.select_weight(runs, term)}" for term in TERMS
-              if all(round4.pilot_name(term, w) in runs for w in round4.GRIDS[term])]
+    chosen = [f"{term}: {select_weight(runs, term)}" for term in TERMS  # the rule itself, as the study applies it
+              if all(pilot_name(term, w) in runs for w in GRIDS[term])]
     return rows + ["", f"Selected (smallest weight with val cp at 1,000 at most 1.1 x the target, else the largest): "
                    f"{'; '.join(chosen) or 'not yet'}."]
 

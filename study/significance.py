@@ -9,10 +9,9 @@
 - `wilson_interval`: the Wilson score interval of one accuracy, `correct` of `n` test images
   (`accuracy_interval`: the same from a top-1 % and n, in %), as eval.py, plots.py and the model zoo show.
 
-Per-image correctness travels in the JSON records as `correct_bits` (bit-packed, base64).
+Per-image correctness travels in the JSON records as `correct_bits` (bit-packed, base64: core/correct_bits.py).
 """
 import argparse
-import base64
 import functools
 import json
 import math
@@ -23,25 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file: the root's core/
 
+from core.correct_bits import pack_bits, unpack_bits  # noqa: E402,F401  (re-exported)
 from core.intervals import accuracy_interval, wilson_interval  # noqa: E402,F401  (re-exported)
-
-
-def pack_bits(correct):
-    """A bool vector as base64 of its bits (first image in the highest bit of the first byte)."""
-    bits = torch.as_tensor(correct, dtype=torch.bool).flatten().tolist()
-    out = bytearray((len(bits) + 7) // 8)
-    for i, bit in enumerate(bits):
-        if bit:
-            out[i // 8] |= 0x80 >> (i % 8)
-    return base64.b64encode(bytes(out)).decode("ascii")
-
-
-def unpack_bits(text, n):
-    """The bool vector of `n` images that `pack_bits` packed."""
-    raw = base64.b64decode(text)
-    if len(raw) != (n + 7) // 8:
-        raise ValueError(f"packed bits hold {8 * len(raw)} images at most, not {n}")
-    return torch.tensor([bool(raw[i // 8] & (0x80 >> (i % 8))) for i in range(n)])
 
 
 def paired_difference(a, b):

@@ -38,6 +38,51 @@ def test_help_shows_each_stages_defaults_in_groups(stage, iters, lr):
         assert "--sync-bn" in text and "--minimum" not in text
 
 
+def test_help_states_each_default_once(capsys):
+    """A help that says its own default gets no "(default: ...)" after it, and no option shows "(default: None)"."""
+    import eval as eval_script
+    with pytest.raises(SystemExit):
+        eval_script.main(["--help"])
+    texts = {"eval.py": " ".join(capsys.readouterr().out.split())}
+    texts.update({stage.name: " ".join(settings.build_parser(stage).format_help().split())
+                  for stage in (train_base.STAGE, train_gate_init.STAGE, train_dfs.STAGE)})
+    assert "the test set (default: the one the checkpoint was trained on) --data-dir" in texts["eval.py"]
+    assert "(default: data)" in texts["eval.py"]  # a plain default is still shown
+    for name, text in texts.items():
+        assert "(default: None)" not in text and "(default: )" not in text, name
+        doubled = [chunk for chunk in text.split(" --") if chunk.count("default:") > 1]  # one option's help each
+        assert not doubled, (name, doubled)
+    assert "default: from the arch alias, else cifar10 --eval-every" in texts["base"]
+
+
+@pytest.mark.parametrize("script,argv,closest", [
+    ("train_dfs.py", ["train", "dfs_resnet20", "--minimun", "50"], "--minimum"),
+    ("eval.py", ["m.pth", "--datset", "synthetic"], "--dataset"),
+    ("train_base.py", ["train", "resnet20", "--no-such-flag-at-all"], None),
+    ("train_base.py", ["train", "resnet20", "--dataset", "imagenet"], None),  # a choice: argparse lists them
+])
+def test_a_mistyped_command_line_is_one_line_naming_the_closest_option(script, argv, closest):
+    r = run([sys.executable, script, *argv, "--device", "cpu"])
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error: "), r.stderr
+    assert err[0].endswith("(see --help)") and "usage:" not in r.stderr
+    assert (f"did you mean {closest}?" in err[0]) if closest else "did you mean" not in err[0]
+
+
+def test_the_readme_quick_check_logs_an_interval_in_every_stage():
+    """docs/training.md: train.jsonl and training.png come every --print-freq iterations. The README's quick
+    check (20 and 10 iterations) sets --print-freq at most its --iters, so every stage's folder has them."""
+    import shlex
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("A quick check of the three stages", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    stages = [shlex.split(line) for line in block.splitlines() if line.startswith("python train_")]
+    assert len(stages) == 3
+    for words in stages:
+        iters, freq = (int(words[words.index(flag) + 1]) for flag in ("--iters", "--print-freq"))
+        assert freq <= iters and iters % freq == 0, words
+
+
 def test_the_authors_harmless_flags_are_accepted():
     args = settings.parse_args(train_dfs.STAGE, [
         "train", "cifar10_rnn_gate_38", "-d", "cifar10", "--verbose", "--pretrained", "--gate-type", "rnn",
@@ -224,6 +269,30 @@ def test_eval_time_flag_end_to_end(tmp_path, capsys):
     assert "| computation % | measured time %, eval batch / batch 1 | top-1 % |" in printed
     records = json.loads(out.read_text())
     assert all(set(r["timing"]) >= {"batch_8", "batch_1", "hardware"} for r in records)
+
+
+def test_eval_warns_of_another_data_set_and_shows_progress_in_a_pipe(tmp_path, capsys):
+    """A checkpoint of one data set tested on another: one warning line naming both. Without a terminal
+    (a pipe, a log) the progress is a line at every tenth of the batches, the last one n/n."""
+    import eval as eval_script
+    from core.checkpoint import save_checkpoint
+    from helpers import small_synthetic
+    from models import build_model
+    model = build_model("dfs_resnet20", options="skip,8,full")
+    path = tmp_path / "m.pth.tar"
+    ckpt = {"model": model.state_dict(), "stage": "dfs", "arch": "dfs_resnet20", "num_classes": 10, "step": 0,
+            "options": ["skip", 8, "full"], "args": {"dataset": "fashion-mnist"}}
+    save_checkpoint(ckpt, str(path))
+    with small_synthetic(16, 40):
+        assert eval_script.main([str(path), "--dataset", "synthetic", "--device", "cpu", "--batch-size", "2"]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == (f"warning: {path} was trained on fashion-mnist, not synthetic: its figures here are on "
+                          "images of another data set (leave out --dataset to test it on its own)")
+        assert [line.split(" batches,")[0] for line in err[1:]] == [f"m.pth.tar: {i}/20" for i in range(2, 21, 2)]
+        save_checkpoint(dict(ckpt, args={"dataset": "synthetic"}), str(path))
+        assert eval_script.main([str(path), "--dataset", "synthetic", "--device", "cpu", "--batch-size", "16"]) == 0
+        own = capsys.readouterr().err.strip().splitlines()  # its own data set: no warning; 3 batches, a line each
+        assert [line.split(" batches,")[0] for line in own] == [f"m.pth.tar: {i}/3" for i in (1, 2, 3)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -36,6 +36,16 @@ def test_the_dry_run_reports_every_item(tmp_path):
     assert "| sparse_vs_dense | ok |" in md and "| torch |" in md
 
 
+def test_the_dry_run_ends_saying_how_many_items_passed_and_where_the_report_is(tmp_path):
+    out = tmp_path / "out"
+    r = gpu_check_sh("--device", "cpu", "--quick", "--only", "quantizer", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and lines[0].startswith("quantizer: ok"), r.stdout + r.stderr
+    assert lines[-1] == (f"1 of 1 items ok on cpu (the dry run: the plumbing on the CPU, no GPU checked); the report: "
+                         f"{out / 'gpu_check.md'} (and gpu_check.json beside it)")
+    assert (out / "gpu_check.md").is_file() and (out / "gpu_check.json").is_file()
+
+
 def test_the_wrapper_forwards_every_argument():
     r = gpu_check_sh("--help")  # the first argument, a flag: gpu_check.py's own help
     assert r.returncode == 0 and r.stdout.startswith("usage: gpu_check.py"), r.stdout + r.stderr
@@ -43,7 +53,7 @@ def test_the_wrapper_forwards_every_argument():
     # A bare first argument is OUT (the older form), and the arguments after it are passed on too:
     # argparse objects to the unknown flag alone, so OUT arrived as --out OUT.
     r = gpu_check_sh("some_out", "--no-such-flag")
-    assert r.returncode == 2 and r.stderr.strip().endswith("error: unrecognized arguments: --no-such-flag"), r.stderr
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: unrecognized arguments: --no-such-flag (see --help)"), r.stderr
     assert not os.path.exists(os.path.join(ROOT, "some_out"))
 
 

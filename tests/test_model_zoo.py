@@ -34,6 +34,23 @@ def test_the_zoo_page_and_json_are_what_the_script_makes_from_the_records_and_fi
     assert json.loads(json.dumps(rows)) == ZOO, "docs/model_zoo.json is stale: run python study/model_zoo.py"
 
 
+def test_start_here_shows_the_median_seed_and_its_static_counterpart():
+    """Not the best of three seeds: the median one by test top-1, and the row after it is its counterpart."""
+    by_name = {r["name"]: r for r in ZOO}
+    names = model_zoo.start_here(by_name)
+    seeds = sorted((by_name[f"dfs_po_lowbit_cp1.2_s{s}"]["test"]["top1"], s) for s in range(3))
+    assert names[-2] == f"dfs_po_lowbit_cp1.2_s{seeds[1][1]}" == "dfs_po_lowbit_cp1.2_s0"  # 92.39 < 92.41 < 92.55
+    with open(os.path.join(ROOT, "results", "fashion-mnist-round3", "results.json")) as f:
+        record = json.load(f)["runs"][f"static_of_{names[-2]}"]
+    counterpart = by_name[names[-1]]
+    assert record["match"] == names[-2] and record["same_as"] == f"round2:{names[-1]}"
+    assert counterpart["test"]["top1"] == record["test"]["accuracy"] == 92.55
+    with open(os.path.join(ROOT, "docs", "model_zoo.md")) as f:
+        page = f.read().split("```python", 1)[0]
+    assert f"[`{counterpart['hub']}`]" in page and "static counterpart of `dfs_po_lowbit_cp1_2_s0`" in page
+    assert "dfs_po_lowbit_cp1_2_s1" not in page
+
+
 def test_every_released_checkpoint_is_listed_with_its_size_and_sha256():
     released = sorted(os.path.relpath(p, ROOT) for folder in ("fashion-mnist", "fashion-mnist-dynamic", "fashion-mnist-round3")
                       for p in glob.glob(os.path.join(ROOT, "results", folder, "checkpoints", "*.pth")))
@@ -153,13 +170,23 @@ def test_each_rows_command_parses_back_to_the_arguments_stored_in_its_file():
     assert compared > 15 * len(ZOO)  # about 19 arguments a file
 
 
-def test_the_readme_first_screen_snippet_runs_as_written():
-    """The README's "try it" block, with the repository's path filled in: the documented shapes come out."""
+def test_the_readme_first_screen_snippet_runs_as_written(capsys):
+    """The README's "try it" block, with the repository's path filled in: the documented shapes come out, and
+    it prints each image's class and computation percentage. Beside it: the pinned torch's size, and the
+    CPU-only build."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    intro, rest = text.split("```python\n", 1)
+    block = rest.split("```", 1)[0]
     assert text.index(block) < text.index("## The two commands, in detail")  # on the first screen
+    beside = intro.rstrip().rsplit("\n\n", 1)[-1]  # the paragraph that introduces it
+    assert "5.6 GB" in beside and "pip install torch==2.14.1 --index-url\nhttps://download.pytorch.org/whl/cpu" in beside
     scope = {}
+    capsys.readouterr()
     exec(block.replace("path/to/this/repository", ROOT), scope)
-    assert scope["logits"].shape == (4, 10) and scope["decisions"].shape == (4, 8, 4)
-    assert torch.equal(scope["decisions"].sum(2), torch.ones(4, 8))  # one-hot: one option per block
+    logits, decisions, model = scope["logits"], scope["decisions"], scope["model"]
+    assert logits.shape == (4, 10) and decisions.shape == (4, 8, 4)
+    assert torch.equal(decisions.sum(2), torch.ones(4, 8))  # one-hot: one option per block
+    per_image = [float(model.computation_percentage(decisions[i:i + 1])) for i in range(4)]
+    assert capsys.readouterr().out.splitlines() == [
+        f"classes: {logits.argmax(1).tolist()}", f"computation % per image: {[round(c, 2) for c in per_image]}"]

@@ -275,8 +275,10 @@ def test_an_extension_says_so_and_keeps_the_earlier_record(tmp_path, capsys):
     capsys.readouterr()
     assert bare_resume("base", latest(save, "base")) == (0, [])  # the extended run is now 4 iterations
     assert "nothing to do" in capsys.readouterr().out and snapshot(save) == before
-    assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one
+    assert train("base", save, ["--overwrite"], iters=2)[0] == 0  # a new run leaves nothing of the old one here
     assert not (folder / "args.until-2.json").exists()
+    aside, = save.glob("resnet20.replaced-*")  # ... and the old one, moved aside whole
+    assert (aside / "args.until-2.json").read_bytes() == first and load(str(aside / "checkpoint_latest.pth.tar"))["step"] == 4
 
 
 def test_a_bare_resume_under_another_spelling_of_the_network_continues_in_the_runs_folder(tmp_path, monkeypatch):
@@ -690,6 +692,27 @@ def test_eval_process_prints_one_line_for_a_corrupt_checkpoint(tmp_path):
     one_line_error(r.stderr, bad)
 
 
+def test_a_folder_given_as_a_checkpoint_says_so_and_names_the_checkpoints_in_it(tmp_path, capsys):
+    """A save folder or run folder where a checkpoint belongs (eval.py, --resume): one line saying it is a
+    folder, naming the checkpoints in it and one level down, or saying it holds none."""
+    save = tmp_path / "save"
+    (save / "dfs_resnet20").mkdir(parents=True)
+    for name in ("checkpoint_latest.pth.tar", "model_best.pth.tar", "log.jsonl"):
+        (save / "dfs_resnet20" / name).write_bytes(b"")
+    capsys.readouterr()
+    assert eval_cli.main([str(save), "--dataset", "synthetic", "--device", "cpu"]) == 2
+    line = one_line_error(capsys.readouterr().err, f"{save} is a folder, not a checkpoint",
+                          save / "dfs_resnet20" / "checkpoint_latest.pth.tar", save / "dfs_resnet20" / "model_best.pth.tar")
+    assert "log.jsonl" not in line and "not found" not in line
+    rc, _ = train("gate_init", tmp_path / "s", ["--resume", save / "dfs_resnet20"], iters=1)
+    assert rc == 2
+    one_line_error(capsys.readouterr().err, "is a folder", save / "dfs_resnet20" / "model_best.pth.tar")
+    (tmp_path / "empty").mkdir()
+    assert eval_cli.main([str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    one_line_error(capsys.readouterr().err, "is a folder, not a checkpoint: it holds no checkpoint")
+    assert not (tmp_path / "s").exists()
+
+
 def test_eval_matches_the_training_evaluation(parents, tmp_path, capsys):
     """eval.py on a good checkpoint (the positive control for the tests above)."""
     out = tmp_path / "out.json"
@@ -733,9 +756,6 @@ BAD_ARGS = [  # (stage, architecture, arguments)
 ]
 
 
-SYNTAX_ERRORS = [["--dataset", "imagenet"], ["--weight-decay", "-1e-4"]]  # argparse refuses these (a choice; "-1e-4" reads as a flag)
-
-
 @pytest.mark.parametrize("stage,arch,extra", BAD_ARGS,
                          ids=[f"{s} {a or ''} {' '.join(e)}" for s, a, e in BAD_ARGS])
 def test_bad_arguments_are_usage_errors_and_write_nothing(stage, arch, extra, tmp_path, capsys):
@@ -746,11 +766,9 @@ def test_bad_arguments_are_usage_errors_and_write_nothing(stage, arch, extra, tm
         engine.main(STAGES[stage], argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    # a syntax error: argparse's usage, then one "prog: error: ..." line; a value error: that line alone
+    # a syntax error that argparse refuses (a choice; "-1e-4" reads as a flag) or a value error: one line
     lines = err.strip().splitlines()
-    assert re.fullmatch(r"\S+: error: .+", lines[-1]) and "Traceback" not in err
-    assert err.count(": error: ") == 1
-    assert lines[0].startswith("usage: ") if extra in SYNTAX_ERRORS else (len(lines) == 1 and "see --help" in err)
+    assert len(lines) == 1 and re.fullmatch(r"\S+: error: .+ \(see --help\)", lines[0]) and "Traceback" not in err
     assert not save.exists() and not (tmp_path / "data").exists()
 
 
@@ -871,12 +889,22 @@ def test_a_second_run_in_a_folder_refuses_and_leaves_the_first_untouched(case, p
     assert snapshot(save) == before  # bytes and times of every file
 
 
-def test_overwrite_starts_over_with_exactly_one_run(tmp_path):
+def test_overwrite_starts_over_with_exactly_one_run_and_moves_the_old_one_aside(tmp_path, capsys):
     save, folder = tmp_path / "save", run_folder(tmp_path / "save")
     assert train("base", save, ["--eval-every", "1", "--print-freq", "1"], iters=2)[0] == 0
     (folder / ".tmp-checkpoint_latest.pth.tar-left-by-a-killed-writer").write_bytes(b"PK")
+    (folder / "notes.txt").write_text("mine")  # not a file of the run: it stays
+    old = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name not in (".lock", "notes.txt")
+           and not p.name.startswith(".tmp-")}
+    capsys.readouterr()
     rc, steps = train("base", save, ["--overwrite", "--lr", "0.05", "--eval-every", "3"], iters=3)
     assert rc == 0 and [s for s, _, _ in steps] == [1, 2, 3]
+    aside, = save.glob("resnet20.replaced-*")  # the finished run, whole: nothing was deleted
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old and {"checkpoint_latest.pth.tar", "log.jsonl"} <= set(old)
+    out = capsys.readouterr().out
+    assert f"moved the run in {folder} (stage base, iteration 2 of 2" in out
+    assert f") to {aside}; delete that folder when it is no longer needed" in out
+    assert (folder / "notes.txt").read_text() == "mine"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1 and not temporary_files(folder)
     assert [r["step"] for r in stage_records(save, "base")] == [3]
     assert json.loads((folder / "args.json").read_text())["lr"] == 0.05

@@ -226,3 +226,30 @@ def test_every_relative_link_and_anchor_of_every_markdown_file_resolves():
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             found += broken_links(name, f.read(), ROOT)
     assert not found, "broken links:\n" + "\n".join(found)
+
+
+# ---- citing the code: CITATION.cff and the README's BibTeX name the same version and commit -------
+
+def citation_fields():
+    """The top-level `key: value` lines of CITATION.cff (quotes removed)."""
+    with open(os.path.join(ROOT, "CITATION.cff"), encoding="utf-8") as f:
+        return {m.group(1): m.group(2).strip().strip('"') for m in re.finditer(r"^([a-z-]+):[ \t]*(\S.*)$", f.read(), re.M)}
+
+
+def test_the_code_is_citable_by_version_date_and_commit():
+    fields = citation_fields()
+    assert re.fullmatch(r"\d{4}\.\d{1,2}\.\d{1,2}", fields.get("version", "")), fields
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", fields.get("date-released", "")), fields
+    assert re.fullmatch(r"[0-9a-f]{40}", fields.get("commit", "")), fields
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    entry = readme.split("@software{", 1)[1].split("\n}", 1)[0]  # the README's BibTeX entry for the code
+    assert f"version = {{{fields['version']}}}" in entry and fields["commit"] in entry
+    assert f"year    = {{{fields['date-released'][:4]}}}" in entry
+    if shutil.which("git") is None:
+        return
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.returncode != 0 or shallow.stdout.strip() == "true":
+        return  # not a checkout, or one without the history to look the commit up in
+    known = subprocess.run(["git", "cat-file", "-e", f"{fields['commit']}^{{commit}}"], cwd=ROOT, capture_output=True)
+    assert known.returncode == 0, f"CITATION.cff names commit {fields['commit']}, which this repository's history lacks"

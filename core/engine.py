@@ -160,7 +160,7 @@ def log_eval(run, stats, split, writer):
 def train_step(run, loss_fn, x, y):
     """One SGD step; returns (loss, logits, decisions, cp) as tensors (no host sync but the finite check)."""
     kwargs = run.forward_kwargs
-    if run.distill is not None:  # the network runs the routing the gate is taught (teacher forcing)
+    if getattr(run, "distill", None) is not None:  # the network runs the routing the gate is taught (teacher forcing)
         kwargs = dict(kwargs, force_option=run.model.routed_choices(x, run.distill.to(x.device)))
     logits, decisions, *probs = split_output(run.wrapped(x, **kwargs))  # probs: reinforce's, distillation's
     loss, cp = loss_fn(logits, decisions, y, run.model, *probs)

@@ -449,3 +449,19 @@ def test_an_unfinished_run_is_parked_and_continues_from_a_fresh_checkout(tmp_pat
     (back / "checkpoint_latest.pth.tar").write_bytes(b"further")
     fresh.unpark("b1_argmax_s0")  # a run folder of its own wins
     assert (back / "checkpoint_latest.pth.tar").read_bytes() == b"further"
+
+
+def test_round_5_records_name_files_of_the_repository_and_results_md_is_generated_from_them(tmp_path):
+    """Every checkpoint a record names exists in the repository, every record carries its provenance
+    (the CPU included), and results.md is what the analysis writes from the records."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = round5_analysis.records("results/fashion-mnist-round5")
+    assert runs, "no records yet"
+    for name, r in runs.items():
+        path = r["checkpoint"]
+        assert not os.path.isabs(path) and os.path.isfile(os.path.join(root, path)), (name, path)
+        assert {"code_commit", "cpu", "cpu_capability", "vnni", "amx"} <= set(r["provenance"]), name
+    round5_analysis.write(runs, str(tmp_path))
+    with open(os.path.join(root, "results", "fashion-mnist-round5", "results.md")) as f:
+        assert (tmp_path / "results.md").read_text() == f.read(), "results.md is stale: python study/round5.py --analyse-only"

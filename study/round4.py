@@ -257,12 +257,13 @@ class Round4(Study):
                  "--eval-every", str(ARM_ITERS)]
         return dict(base, search=search, policy=text, **self.train_final(name, parent, flags))
 
-    def go(self):
-        """Run the plan's next runnable run until none is left; wait while the other lane runs a dependency."""
+    def go(self, tiers=None):
+        """Run the plan's next runnable run (of `tiers`, default all) until none is left; wait while another
+        lane runs a dependency. Round 5 reuses it with its own plan (`plan_of`) and rule (`tier_a_allows`)."""
         while True:
             records, waiting, allowed = self.records(), False, self.tier_a_allows()
-            for tier, name, kind, fields, needs in plan(records):
-                if name in records or (tier != "A" and not allowed):
+            for tier, name, kind, fields, needs in self.plan_of(records):
+                if name in records or (tier != "A" and not allowed) or (tiers and tier not in tiers):
                     continue
                 if any(n not in records for n in needs):
                     waiting = True
@@ -274,6 +275,7 @@ class Round4(Study):
                     if name in self.records():  # finished by the other lane since the check above
                         break
                     t = time.time()
+                    self.before(name)
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
                     record = self.run(name, kind, fields, self.records())
                     self.save(name, dict(record, tier=tier, code_commit=code_commit(),
@@ -290,6 +292,12 @@ class Round4(Study):
                               "PLAN.md (its decision rule)")
                     return
                 time.sleep(30)
+
+    def plan_of(self, records):
+        return plan(records)
+
+    def before(self, name):
+        """What a lane does just before it runs `name` (round 5: restore a parked state)."""
 
     def tier_a_allows(self):
         """False once tier A is complete and its certificate fails at both lengths (the plan's decision rule)."""

@@ -11,13 +11,12 @@ So far the plan's tiers A and B; tiers C-E join as their features land.
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from core import runfolder  # noqa: E402
-from study.round3 import code_commit, one_thread_env  # noqa: E402
+from study.round3 import one_thread_env  # noqa: E402
 from study.round4 import LENGTHS, Round4  # noqa: E402
 from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, grid_cost, write  # noqa: E402
 
@@ -132,35 +131,14 @@ class Round5(Round4):
             save_checkpoint(assemble(START_B["backbone"], START_B["gate"]), path)  # atomic
         return os.path.relpath(path, ROOT)
 
-    def go(self, tiers=None):
-        """Run the plan's next runnable run (of `tiers`, default all) until none is left; wait while another
-        lane runs a dependency."""
-        while True:
-            records, waiting = self.records(), False
-            for tier, name, kind, fields, needs in plan():
-                if name in records or (tiers and tier not in tiers):
-                    continue
-                if any(n not in records for n in needs) or not self.claim(name):
-                    waiting = True
-                    continue
-                try:
-                    if name in self.records():  # finished by another lane since the check above
-                        break
-                    t = time.time()
-                    self.unpark(name)
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                    record = self.run(name, kind, fields, self.records())
-                    self.save(name, dict(record, tier=tier, code_commit=code_commit(),
-                                         torch_threads=int(one_thread_env()["OMP_NUM_THREADS"]),
-                                         device="cpu", finished=time.strftime("%Y-%m-%d %H:%M:%S")))
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.time() - t:.0f} s", flush=True)
-                finally:
-                    self.release(name)
-                break  # the records changed: start again from the top of the plan
-            else:
-                if not waiting:
-                    return
-                time.sleep(30)
+    def plan_of(self, records):
+        return plan()
+
+    def tier_a_allows(self):
+        return True  # round 5's tier A decides nothing below it (PLAN.md)
+
+    def before(self, name):
+        self.unpark(name)
 
 
 def main():

@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 from core import runfolder  # noqa: E402
 from study.round3 import one_thread_env  # noqa: E402
 from study.round4 import LENGTHS, Round4  # noqa: E402
-from study.round5_analysis import ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, grid_cost, write  # noqa: E402
+from study.round5_analysis import (ESTIMATORS, ORACLE, R3, R4, SEEDS, TARGET, grid_cost, routes_by_frame,  # noqa: E402
+                                   write)
 
 DATA = "fashion-mnist-marked"
 ARCH = "dfs_resnet20"
@@ -32,12 +33,23 @@ ESTIMATOR_FLAGS = {"argmax": [], "gumbel": ["--gate-estimator", "gumbel", "--gum
                    "reinforce": ["--gate-estimator", "reinforce"]}
 
 
-def plan():
-    """Every run in order: (tier, name, kind, fields, the runs it needs)."""
+C_ARM = ["--budget-loss", "squared", "--beta", "1000", "--minimum", TARGET,
+         "--iters", "3000", "--lr-steps", "2250", "--eval-every", "250", "--seed", "0"]
+
+
+def plan(records=None):
+    """Every run in order: (tier, name, kind, fields, the runs it needs). Tier C's estimators beyond argmax
+    appear once their tier-B arm has passed criteria 1-2 (PLAN.md)."""
+    records = records or {}
     runs = [("A", f"a_oracle_shared_300_s{s}", "oracle_shared", dict(seed=s, iters=300), ()) for s in SEEDS]
     runs += [("A", f"a_oracle_shared_3000_s{s}", "oracle_shared", dict(seed=s, iters=3000), ()) for s in SEEDS]
     runs.append(("B", "b0_distill_s0", "distill", {}, ()))
-    return runs + [("B", f"b{i}_{e}_s0", "gate_only", dict(estimator=e), ()) for i, e in enumerate(ESTIMATORS, 1)]
+    arms = [(f"b{i}_{e}_s0", e) for i, e in enumerate(ESTIMATORS, 1)]
+    runs += [("B", name, "gate_only", dict(estimator=e), ()) for name, e in arms]
+    passing = [e for name, e in arms if name in records and routes_by_frame(records[name]["test"])[4]]
+    for e in ["argmax"] + [e for e in passing if e != "argmax"]:
+        runs.append(("C", f"c_{e}_s0", "joint_from_b0", dict(estimator=e), ("b0_distill_s0",)))
+    return runs
 
 
 def oracle_shared_flags(seed, iters):
@@ -59,6 +71,11 @@ class Round5(Round4):
             return dict(name=name, kind=kind, seed=0, dataset=DATA, parent=parent, start=START_B,
                         iters=1000 if kind == "distill" else 3000, estimator=f.get("estimator"),
                         **self.train_final(name, parent, flags))
+        if kind == "joint_from_b0":  # tier C: the whole network from B0's final state (the routing known)
+            parent = self.start_c(records)
+            return dict(name=name, kind=kind, seed=0, dataset=DATA, parent=parent, iters=3000,
+                        estimator=f["estimator"], start="b0_distill_s0",
+                        **self.train_final(name, parent, C_ARM + ESTIMATOR_FLAGS[f["estimator"]]))
         raise ValueError(f"unknown kind {kind}")
 
     def equal_cost_static(self, name, match, records, seed=0, iters=3000):
@@ -122,6 +139,17 @@ class Round5(Round4):
         for f in os.listdir(keep):
             shutil.copy(os.path.join(keep, f), os.path.join(folder, runfolder.LATEST if f == "checkpoint_latest.pth" else f))
 
+    def start_c(self, records):
+        """Tier C's start: B0's released final state re-based as a stage-2 checkpoint (core/assemble.py with
+        both parts from it), so stage 3 starts a new run from it instead of continuing B0's."""
+        from core.assemble import assemble
+        from core.checkpoint import save_checkpoint
+        path = os.path.join(self.runs, "start_c_s0.pth")
+        if not os.path.exists(path):
+            b0 = records["b0_distill_s0"]["checkpoint"]
+            save_checkpoint(assemble(b0, b0), path)
+        return os.path.relpath(path, ROOT)
+
     def start_b(self):
         """Tier B's assembled start (core/assemble.py), made once in RUNS (a function of two committed files)."""
         from core.assemble import assemble
@@ -132,7 +160,7 @@ class Round5(Round4):
         return os.path.relpath(path, ROOT)
 
     def plan_of(self, records):
-        return plan()
+        return plan(records)
 
     def tier_a_allows(self):
         return True  # round 5's tier A decides nothing below it (PLAN.md)

@@ -190,6 +190,7 @@ def test_gate_only_refuses_a_network_without_a_gate_to_run(tmp_path, capsys):
 # --- feature 4: the policy-gradient estimator ---------------------------------------------------------
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import json  # noqa: E402
 import itertools  # noqa: E402
 
@@ -465,3 +466,23 @@ def test_round_5_records_name_files_of_the_repository_and_results_md_is_generate
     round5_analysis.write(runs, str(tmp_path))
     with open(os.path.join(root, "results", "fashion-mnist-round5", "results.md")) as f:
         assert (tmp_path / "results.md").read_text() == f.read(), "results.md is stale: python study/round5.py --analyse-only"
+
+
+def test_tier_c_runs_argmax_and_each_estimator_that_passed_tier_b_from_b0(tmp_path):
+    passed = {"routing": {"halves": {"marked": {"computation_percentage": 0.3, "acc": 100.0},
+                                     "unmarked": {"computation_percentage": 4.6, "acc": 91.0}},
+                          "mark_information_bits": [0, 0, 0.7, 0.7, 0.7, 0.9, 0.9, 0.8]}}
+    failed = {"routing": {"halves": {"marked": {"computation_percentage": 3.0, "acc": 99.0},
+                                     "unmarked": {"computation_percentage": 1.2, "acc": 32.0}},
+                          "mark_information_bits": [0] * 8}}
+    records = {"b1_argmax_s0": {"test": failed}, "b2_gumbel_s0": {"test": passed}, "b3_reinforce_s0": {"test": failed}}
+    tier_c = [(name, needs) for tier, name, _, _, needs in round5.plan(records) if tier == "C"]
+    assert tier_c == [("c_argmax_s0", ("b0_distill_s0",)), ("c_gumbel_s0", ("b0_distill_s0",))]
+    assert [name for tier, name, *_ in round5.plan() if tier == "C"] == ["c_argmax_s0"]  # before tier B
+    assert "--train" not in round5.C_ARM and round5.C_ARM[round5.C_ARM.index("--beta") + 1] == "1000"
+    # the start: B0's final state as a stage-2 checkpoint, every tensor B0's
+    _, b0 = gated(10, "dfs")
+    save_checkpoint(b0, tmp_path / "b0.pth")
+    study = round5.Round5(str(tmp_path / "out"), str(tmp_path / "runs"))
+    start = load_checkpoint(os.path.join(round5.ROOT, study.start_c({"b0_distill_s0": {"checkpoint": str(tmp_path / "b0.pth")}})))
+    assert start["stage"] == "gate_init" and all(torch.equal(v, b0["model"][k]) for k, v in start["model"].items())

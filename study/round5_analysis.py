@@ -137,6 +137,37 @@ def tier_b(runs):
     return rows
 
 
+def stability(test):
+    """Tier C's verdict on a final test record: 'persists' if it passes criteria 1-2, 'collapses' if the
+    per-half gap is below 1 point, else 'decays' (PLAN.md)."""
+    _, _, gap, _, passes = routes_by_frame(test)
+    return "persists" if passes else "collapses" if gap < 1 else "decays"
+
+
+def tier_c(runs):
+    rows = ["## Tier C: joint training from the distilled routing (B0's final state; seed 0, final state, test set)", "",
+            "The whole network trains (squared term, lambda 1000, 3,000 iterations) from the gate distilled to the oracle's "
+            "routing on the oracle's weights. The routing persists if the final state passes criteria 1-2, collapses if "
+            "the per-half gap falls below 1 point, else decays. Criterion 3 (top-1 at least the equal-cost static "
+            "network's) is reported with its label.", "",
+            "| run | estimator | top-1 | cp % | framed / unframed cp % | gap (pt) | blocks >= 0.5 bit | validation gap "
+            "every 250 iterations | routing |",
+            "|---|---|---:|---:|---|---:|---:|---|---|"]
+    names = sorted(n for n in runs if n.startswith("c_")) or ["c_argmax_s0"]
+    for name in names:
+        r = runs.get(name)
+        if not r:
+            rows.append(f"| {name} | | not run | | | | | | |")
+            continue
+        t = r["test"]
+        marked, unmarked, gap, blocks, _ = routes_by_frame(t)
+        history = ", ".join(f"{v['halves']['unmarked']['computation_percentage'] - v['halves']['marked']['computation_percentage']:+.1f}"
+                            for v in r.get("val_history", []))
+        rows.append(f"| {name} | {r['estimator']} | {t['accuracy']:.2f} | {t['computation_percentage']:.3f} | "
+                    f"{marked:.3f} / {unmarked:.3f} | {gap:+.2f} | {blocks} | {history or '-'} | {stability(t)} |")
+    return rows
+
+
 def write(runs, out):
     """OUT/results.md: every table of round 5 so far, from the records."""
     rows, _ = tier_a(runs, records(R3), records(R4))
@@ -144,7 +175,11 @@ def write(runs, out):
              "The plan is PLAN.md. Differences are in points of test top-1 on the same 10,000 images "
              "(5,000 framed, 5,000 unframed). Static networks: round 3's `static_of_dfs_marked_cp3.0_s{seed}` "
              "(300 iterations) and round 4's `static_3000_s{seed}`.", ""]
-    parts += rows + [""] + tier_b(runs) + ["", "## Tiers C-E", "", "Not run yet (PLAN.md's order)."]
+    parts += rows + [""] + tier_b(runs) + [""]
+    if any(n.startswith("c_") for n in runs):
+        parts += tier_c(runs) + ["", "## Tiers D-E", "", "Not run yet (PLAN.md's order)."]
+    else:
+        parts += ["## Tiers C-E", "", "Not run yet (PLAN.md's order)."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(parts) + "\n")
     print(f"{os.path.join(out, 'results.md')}: {len(runs)} runs")

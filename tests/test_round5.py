@@ -486,3 +486,14 @@ def test_tier_c_runs_argmax_and_each_estimator_that_passed_tier_b_from_b0(tmp_pa
     study = round5.Round5(str(tmp_path / "out"), str(tmp_path / "runs"))
     start = load_checkpoint(os.path.join(round5.ROOT, study.start_c({"b0_distill_s0": {"checkpoint": str(tmp_path / "b0.pth")}})))
     assert start["stage"] == "gate_init" and all(torch.equal(v, b0["model"][k]) for k, v in start["model"].items())
+
+
+def test_tier_c_calls_a_routing_persisting_decaying_or_collapsed():
+    def record(marked, unmarked, bits):
+        return {"routing": {"halves": {"marked": {"computation_percentage": marked, "acc": 99.0},
+                                       "unmarked": {"computation_percentage": unmarked, "acc": 90.0}},
+                            "mark_information_bits": bits}}
+    assert round5_analysis.stability(record(0.0, 4.6, [0, 0] + [0.9] * 6)) == "persists"
+    assert round5_analysis.stability(record(1.0, 3.5, [0, 0] + [0.9] * 6)) == "decays"  # gap 2.5
+    assert round5_analysis.stability(record(0.5, 4.0, [0, 0, 0.9, 0.9, 0.9, 0.1, 0, 0])) == "decays"  # 3 blocks
+    assert round5_analysis.stability(record(2.0, 2.9, [0, 0] + [0.9] * 6)) == "collapses"  # gap 0.9

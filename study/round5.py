@@ -110,7 +110,7 @@ class Round5(Round4):
         import shutil
         parked = []
         records = self.records()
-        for _, name, *_ in plan():
+        for _, name, *_ in plan(records):
             folder = os.path.join(self.runs, name, ARCH)
             latest = os.path.join(folder, runfolder.LATEST)
             if name in records or not os.path.exists(latest):

@@ -11,23 +11,14 @@ so stage 3 starts from it as from any stage 2; its `assembled_from` names both s
 their SHA-256. Both must be gated networks of the same architecture, options and BN mode.
 """
 import argparse
-import hashlib
 import sys
 
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint, sha256
 from core.errors import DFSError, UserError
 from core.evaluation import model_config
 from core.provenance import provenance
 
 GATE_PREFIXES = ("gate.", "gate_embeds.")
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_gate(key):

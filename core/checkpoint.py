@@ -4,6 +4,7 @@ Keys: model, optimizer, step, best_acc, stage, arch, num_classes, options, args,
 rng, format. Names follow the authors: SAVE_FOLDER/ARCH/checkpoint_latest.pth.tar and
 model_best.pth.tar.
 """
+import hashlib
 import io
 import os
 import sys
@@ -45,6 +46,15 @@ def save_checkpoint(ckpt, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def sha256(path):
+    """The SHA-256 of a file, hex (model zoo rows, assembled starts), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_checkpoint(path, map_location="cpu"):

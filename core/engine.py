@@ -21,7 +21,7 @@ import torch
 import data
 from core import distributed, runfolder
 from core.checkpoint import load_checkpoint, save_checkpoint
-from core.continuing import (build_from_checkpoint, check_continuable, gate_parameters, own_run, rng_state,  # noqa: F401
+from core.continuing import (build_from_checkpoint, check_continuable, gate_parameters, own_run, rng_state,
                              seed_everything, set_rng_state)
 from core.errors import DFSError, TrainingError, UserError, WriteError
 from core.evaluation import evaluate, format_report, split_output

@@ -10,7 +10,6 @@ options and data set from each file; measured time from docs/measured-time-*.jso
 comes with its 95 % Wilson score interval on the number of test images (study/significance.py).
 hubconf.py reads docs/model_zoo.json: one torch.hub entry point per row, named `hub`.
 """
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from core.checkpoint import load_checkpoint  # noqa: E402
+from core.checkpoint import load_checkpoint, sha256  # noqa: E402
 from core.evaluation import model_config, model_from_config  # noqa: E402
 from core.intervals import accuracy_interval  # noqa: E402
 from models.cost import option_names  # noqa: E402
@@ -49,11 +48,6 @@ def released():
     """The released checkpoint files, relative to the repository, sorted."""
     return sorted(f"{folder}/checkpoints/{name}" for folder in (ROUND1, ROUND2, ROUND3)
                   for name in os.listdir(os.path.join(ROOT, folder, "checkpoints")) if name.endswith(".pth"))
-
-
-def sha256(path):
-    with open(os.path.join(ROOT, path), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def hub_name(name):
@@ -178,7 +172,7 @@ def build():
         rows.append(dict(r, hub=hub_name(r["name"]), dataset=(ckpt.get("args") or {}).get("dataset"),
                          arch=ckpt["arch"], options=options, measured_time_percentage=times.get(r["file"], {}),
                          parameters=params, full_macs=macs, command=command(ckpt),
-                         size_bytes=os.path.getsize(os.path.join(ROOT, r["file"])), sha256=sha256(r["file"])))
+                         size_bytes=os.path.getsize(os.path.join(ROOT, r["file"])), sha256=sha256(os.path.join(ROOT, r["file"]))))
     for problem, names in (("released without a record", set(files) - {r["file"] for r in rows}),
                            ("timed but not released", set(times) - set(files)),
                            ("listed twice", {r["hub"] for r in rows if [s["hub"] for s in rows].count(r["hub"]) > 1})):

@@ -258,39 +258,48 @@ def validate_args(stage, args):
     return args
 
 
+def given_per_half(args, name):
+    """Whether --NAME-marked/--NAME-unmarked (a policy for each half of a marked data set) are given:
+    both or neither, and only on a fashion-mnist-marked* set (ValueError otherwise)."""
+    marked, unmarked = getattr(args, f"{name}_marked"), getattr(args, f"{name}_unmarked")
+    if (marked is None) != (unmarked is None):
+        raise ValueError(f"--{name}-marked and --{name}-unmarked go together: one policy for each half")
+    if marked is not None and args.dataset not in data.MARKED:
+        raise ValueError(f"--{name}-marked/--{name}-unmarked route by the frame of {' or '.join(data.MARKED)}, "
+                         f"not {args.dataset}")
+    return marked is not None
+
+
+def read_per_half(args, name):
+    """--NAME-marked/--NAME-unmarked read as policies (read_policy), in place."""
+    for half in ("marked", "unmarked"):
+        setattr(args, f"{name}_{half}", read_policy(getattr(args, f"{name}_{half}")))
+
+
 def validate_departures(args):
-    """Stage 3's round-4 flags: a routing, the budget term, the gate's estimator (ValueError)."""
-    if (args.route_marked is None) != (args.route_unmarked is None):
-        raise ValueError("--route-marked and --route-unmarked go together: one policy for each half")
-    if args.route_marked is not None:
-        if args.dataset not in data.MARKED:
-            raise ValueError(f"--route-marked/--route-unmarked route by the frame of {' or '.join(data.MARKED)}, "
-                             f"not {args.dataset}")
+    """Stage 3's departures: a routing, the budget term, the gate's estimator, what trains (ValueError)."""
+    if given_per_half(args, "route"):
         if args.policy is not None:
             raise ValueError("--policy and --route-marked/--route-unmarked: choose one")
-        args.route_marked, args.route_unmarked = read_policy(args.route_marked), read_policy(args.route_unmarked)
+        read_per_half(args, "route")
     for name in ("budget_band", "budget_cap"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     parse_tau(args.gumbel_tau)
-    if (args.distill_marked is None) != (args.distill_unmarked is None):
-        raise ValueError("--distill-marked and --distill-unmarked go together: one policy for each half")
-    if args.distill_marked is not None:
-        if args.dataset not in data.MARKED:
-            raise ValueError(f"--distill-marked/--distill-unmarked route by the frame of {' or '.join(data.MARKED)}, "
-                             f"not {args.dataset}")
+    if given_per_half(args, "distill"):
         if args.train != "gate" or args.gate_estimator != "argmax" or args.policy is not None \
                 or args.route_marked is not None:
             raise ValueError("--distill-marked/--distill-unmarked train the gate alone: with --train gate, and "
                              "without --policy, --route-marked or another --gate-estimator")
-        args.distill_marked, args.distill_unmarked = read_policy(args.distill_marked), read_policy(args.distill_unmarked)
-    if args.gate_estimator == "reinforce" and (args.policy is not None or args.route_marked is not None):
-        raise ValueError("--gate-estimator reinforce trains the gate, which a static --policy or a --route-marked routing does not run")
+        read_per_half(args, "distill")
+    no_gate = args.policy is not None or args.route_marked is not None
+    for flag, trains_gate in (("--gate-estimator reinforce", args.gate_estimator == "reinforce"),
+                              ("--train gate", args.train == "gate")):
+        if trains_gate and no_gate:
+            raise ValueError(f"{flag} trains the gate, which a static --policy or a --route-marked routing does not run")
     if args.gate_estimator == "reinforce" and args.batch_size < 2:
         raise ValueError("--gate-estimator reinforce needs --batch-size of at least 2 (its baseline is the other images' mean)")
-    if args.train == "gate" and (args.policy is not None or args.route_marked is not None):
-        raise ValueError("--train gate trains the gate, which a static --policy or a --route-marked routing does not run")
 
 
 def read_json(path, flag):
